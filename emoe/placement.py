@@ -1,0 +1,83 @@
+"""Placement: which expert group holds which (layer, expert), in which slot. Versioned and serializable.
+
+`groups[g][layer]` is the tuple of global expert ids that group g holds for that layer, in slot order.
+An expert may sit in several groups (a replica of a hot expert); routing then picks one of its copies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    version: int
+    num_experts: int
+    groups: tuple[dict[int, tuple[int, ...]], ...]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for g in self.groups for layer in g})
+
+    @classmethod
+    def contiguous(
+        cls, moe_layers: list[int], num_experts: int, num_groups: int, version: int = 0
+    ) -> Placement:
+        """Experts 0..E-1 cut into `num_groups` contiguous runs whose sizes differ by at most one."""
+        if not 1 <= num_groups <= num_experts:
+            raise ValueError(
+                f"num_groups must be in [1, {num_experts}] (number of experts), got {num_groups}"
+            )
+        base, extra = divmod(num_experts, num_groups)
+        bounds, start = [], 0
+        for g in range(num_groups):
+            end = start + base + (1 if g < extra else 0)
+            bounds.append((start, end))
+            start = end
+        groups = tuple({layer: tuple(range(s, e)) for layer in moe_layers} for s, e in bounds)
+        return cls(version, num_experts, groups)
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            held = {e for g in self.groups for e in g.get(layer, ())}
+            missing = set(range(self.num_experts)) - held
+            if missing:
+                raise ValueError(
+                    f"placement v{self.version}: layer {layer} has no copy of experts {sorted(missing)}"
+                )
+
+    @cached_property
+    def _tables(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """layer -> (group_of [E], slot_of [E]) for the first copy of each expert."""
+        out = {}
+        for layer in self.layers:
+            group_of = torch.full((self.num_experts,), -1, dtype=torch.long)
+            slot_of = torch.full((self.num_experts,), -1, dtype=torch.long)
+            for g, held in enumerate(self.groups):
+                for slot, e in enumerate(held.get(layer, ())):
+                    if group_of[e] < 0:
+                        group_of[e], slot_of[e] = g, slot
+            out[layer] = (group_of, slot_of)
+        return out
+
+    def route(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group_of [E], slot_of [E]) for one layer."""
+        return self._tables[layer]
+
+    def to_json(self) -> str:
+        groups = [{str(layer): list(ids) for layer, ids in g.items()} for g in self.groups]
+        return json.dumps({"version": self.version, "num_experts": self.num_experts, "groups": groups})
+
+    @classmethod
+    def from_json(cls, text: str) -> Placement:
+        raw = json.loads(text)
+        groups = tuple({int(layer): tuple(ids) for layer, ids in g.items()} for g in raw["groups"])
+        return cls(int(raw["version"]), int(raw["num_experts"]), groups)

@@ -1,0 +1,329 @@
+"""ModelSpec: what the engine needs to know of a checkpoint, read from its Hugging Face `config.json`.
+
+One frozen dataclass covers the five supported families; `ModelSpec.from_config` is the only place that
+knows each family's config keys. Anything we do not implement is rejected here, by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "minimax_m2", "deepseek_v3")
+
+ROUTING_SOFTMAX = "softmax_topk"  # softmax -> top-k (-> renormalize)
+ROUTING_SIGMOID_BIAS = "sigmoid_bias"  # sigmoid; top-k on score + bias; weights from unbiased score
+ROUTING_GROUPED = "grouped_sigmoid_bias"  # DeepSeek-V3: sigmoid + bias, group-limited top-k
+
+
+class UnsupportedModelError(ValueError):
+    """The config names a model type or a setting this engine does not implement."""
+
+
+@dataclass(frozen=True)
+class FP8Spec:
+    block: tuple[int, int]  # weight_block_size [out, in]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rotary_dim: int  # leading dims of each head that RoPE rotates (partial RoPE when < head_dim)
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    # attention variants
+    attention: str = "gqa"  # "gqa" | "mla"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None | "head" (per head, Qwen3) | "full" (whole projection, MiniMax-M2)
+    sliding_window: int | None = None
+    rope_interleave: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # MoE
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    intermediate_size: int = 0  # dense MLP layers
+    routing: str = ROUTING_SOFTMAX
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_intermediate_size: int = 0  # 0: no shared expert
+    shared_gated: bool = False  # shared expert output x sigmoid(shared_expert_gate(x))
+    moe_layers: tuple[bool, ...] = ()  # per layer: routed experts (True) or a dense MLP (False)
+    # checkpoint layout
+    moe_prefix: str = "mlp"  # "block_sparse_moe" for mixtral / minimax_m2
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # or ("w1", "w3", "w2")
+    bias_key: str | None = None  # e_score_correction_bias, relative to the layer's MoE block
+    fp8: FP8Spec | None = None
+    ignore_layers_from: int = 0  # layer indices >= this in the checkpoint are ignored (DeepSeek MTP)
+    eos_token_ids: tuple[int, ...] = field(default=())
+    bos_token_id: int | None = None
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i, is_moe in enumerate(self.moe_layers) if is_moe]
+
+    @property
+    def attn_scale(self) -> float:
+        dim = self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        return dim**-0.5
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelSpec:
+        cfg_path = Path(path) / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON: {e}") from e
+        return cls.from_config(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        model_type = cfg.get("model_type")
+        if model_type not in FAMILIES:
+            raise UnsupportedModelError(
+                f"unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}"
+            )
+        _check_common(cfg)
+        common = _common_fields(cfg)
+        return _BUILDERS[model_type](cfg, common)
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _req(cfg: dict[str, Any], key: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise ValueError(f"config.json ({cfg.get('model_type')}): missing required key {key!r}")
+    return cfg[key]
+
+
+def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Rope settings, from transformers v5 `rope_parameters` or the older flat keys."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    legacy = cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    if rope_type != "default":
+        raise UnsupportedModelError(f"unsupported setting rope_type={rope_type!r} (only 'default' RoPE)")
+    theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    if theta is None:
+        raise ValueError(f"config.json ({cfg.get('model_type')}): missing required key 'rope_theta'")
+    return {
+        "theta": float(theta),
+        "partial": rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor")),
+    }
+
+
+def _check_common(cfg: dict[str, Any]) -> None:
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"unsupported setting hidden_act={act!r} (only 'silu')")
+    if cfg.get("quantization_config"):
+        q = cfg["quantization_config"]
+        if q.get("quant_method") != "fp8" or not q.get("weight_block_size"):
+            raise UnsupportedModelError(
+                f"unsupported setting quantization_config={q!r} (only block-wise fp8 with weight_block_size)"
+            )
+
+
+def _eos(cfg: dict[str, Any]) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return ()
+    ids = (eos,) if isinstance(eos, int) else tuple(eos)
+    return tuple(i for i in ids if 0 <= i < cfg["vocab_size"])
+
+
+def _common_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    hidden, heads = _req(cfg, "hidden_size"), _req(cfg, "num_attention_heads")
+    head_dim = cfg.get("head_dim") or hidden // heads
+    rope = _rope(cfg)
+    partial = rope["partial"] if rope["partial"] is not None else 1.0
+    if cfg.get("rotary_dim"):
+        partial = cfg["rotary_dim"] / head_dim
+    q = cfg.get("quantization_config")
+    bos = cfg.get("bos_token_id")
+    return dict(
+        family=cfg["model_type"],
+        vocab_size=_req(cfg, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=_req(cfg, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope["theta"],
+        rotary_dim=int(head_dim * partial),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        fp8=FP8Spec(tuple(q["weight_block_size"])) if q else None,
+        eos_token_ids=_eos(cfg),
+        bos_token_id=bos if isinstance(bos, int) and 0 <= bos < cfg["vocab_size"] else None,
+        ignore_layers_from=int(cfg["num_hidden_layers"]),
+    )
+
+
+def _qwen_moe_layers(cfg: dict[str, Any], num_experts: int) -> tuple[bool, ...]:
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    dense = set(cfg.get("mlp_only_layers") or [])
+    n = cfg["num_hidden_layers"]
+    return tuple(i not in dense and num_experts > 0 and (i + 1) % step == 0 for i in range(n))
+
+
+def _no_sliding(cfg: dict[str, Any]) -> None:
+    if cfg.get("use_sliding_window"):
+        raise UnsupportedModelError("unsupported setting use_sliding_window=true")
+
+
+def _mixtral(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
+    n = common["num_layers"]
+    return ModelSpec(
+        **common,
+        sliding_window=cfg.get("sliding_window"),
+        num_experts=_req(cfg, "num_local_experts"),
+        top_k=_req(cfg, "num_experts_per_tok"),
+        moe_intermediate_size=_req(cfg, "intermediate_size"),
+        routing=ROUTING_SOFTMAX,
+        norm_topk_prob=True,
+        moe_layers=(True,) * n,
+        moe_prefix="block_sparse_moe",
+        expert_names=("w1", "w3", "w2"),
+    )
+
+
+def _qwen2_moe(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
+    _no_sliding(cfg)
+    num_experts = _req(cfg, "num_experts")
+    return ModelSpec(
+        **common,
+        qkv_bias=bool(cfg.get("qkv_bias", True)),
+        num_experts=num_experts,
+        top_k=_req(cfg, "num_experts_per_tok"),
+        moe_intermediate_size=_req(cfg, "moe_intermediate_size"),
+        intermediate_size=cfg.get("intermediate_size", 0),
+        routing=ROUTING_SOFTMAX,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        shared_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
+        shared_gated=True,
+        moe_layers=_qwen_moe_layers(cfg, num_experts),
+    )
+
+
+def _qwen3_moe(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
+    _no_sliding(cfg)
+    num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if num_experts is None:
+        raise ValueError("config.json (qwen3_moe): missing required key 'num_experts'")
+    bias = bool(cfg.get("attention_bias", False))
+    return ModelSpec(
+        **common,
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm="head",
+        num_experts=num_experts,
+        top_k=_req(cfg, "num_experts_per_tok"),
+        moe_intermediate_size=_req(cfg, "moe_intermediate_size"),
+        intermediate_size=cfg.get("intermediate_size", 0),
+        routing=ROUTING_SOFTMAX,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=_qwen_moe_layers(cfg, num_experts),
+    )
+
+
+def _minimax_m2(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
+    if cfg.get("use_qk_norm") is False:
+        raise UnsupportedModelError("unsupported setting use_qk_norm=false for minimax_m2")
+    qk_norm_type = cfg.get("qk_norm_type", "per_layer")
+    if qk_norm_type != "per_layer":
+        raise UnsupportedModelError(f"unsupported setting qk_norm_type={qk_norm_type!r} (only 'per_layer')")
+    scoring = cfg.get("scoring_func", "sigmoid")
+    if scoring != "sigmoid":
+        raise UnsupportedModelError(f"unsupported setting scoring_func={scoring!r} for minimax_m2")
+    n = common["num_layers"]
+    return ModelSpec(
+        **common,
+        qk_norm="full",
+        num_experts=_req(cfg, "num_local_experts"),
+        top_k=_req(cfg, "num_experts_per_tok"),
+        moe_intermediate_size=_req(cfg, "intermediate_size"),
+        routing=ROUTING_SIGMOID_BIAS,
+        norm_topk_prob=True,
+        moe_layers=(True,) * n,
+        moe_prefix="block_sparse_moe",
+        expert_names=("w1", "w3", "w2"),
+        bias_key="e_score_correction_bias",
+    )
+
+
+def _deepseek_v3(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
+    num_experts = _req(cfg, "n_routed_experts")
+    n_group, topk_group = int(cfg.get("n_group", 1)), int(cfg.get("topk_group", 1))
+    if num_experts % n_group:
+        raise UnsupportedModelError(f"n_routed_experts={num_experts} is not divisible by n_group={n_group}")
+    if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        raise UnsupportedModelError(f"unsupported setting scoring_func={cfg['scoring_func']!r}")
+    if cfg.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise UnsupportedModelError(f"unsupported setting topk_method={cfg['topk_method']!r}")
+    n = common["num_layers"]
+    first_dense = int(cfg.get("first_k_dense_replace", 0))
+    rope_dim = _req(cfg, "qk_rope_head_dim")
+    bias = bool(cfg.get("attention_bias", False))
+    common = dict(common, head_dim=rope_dim, rotary_dim=rope_dim)
+    common["ignore_layers_from"] = n
+    return ModelSpec(
+        **common,
+        attention="mla",
+        qkv_bias=bias,
+        o_bias=bias,
+        rope_interleave=bool(cfg.get("rope_interleave", True)),
+        q_lora_rank=cfg.get("q_lora_rank"),
+        kv_lora_rank=_req(cfg, "kv_lora_rank"),
+        qk_nope_head_dim=_req(cfg, "qk_nope_head_dim"),
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=_req(cfg, "v_head_dim"),
+        num_experts=num_experts,
+        top_k=_req(cfg, "num_experts_per_tok"),
+        moe_intermediate_size=_req(cfg, "moe_intermediate_size"),
+        intermediate_size=_req(cfg, "intermediate_size"),
+        routing=ROUTING_GROUPED,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        shared_intermediate_size=cfg["moe_intermediate_size"] * int(cfg.get("n_shared_experts") or 0),
+        moe_layers=tuple(i >= first_dense for i in range(n)),
+        bias_key="gate.e_score_correction_bias",
+    )
+
+
+_BUILDERS = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "minimax_m2": _minimax_m2,
+    "deepseek_v3": _deepseek_v3,
+}
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)

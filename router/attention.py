@@ -1,0 +1,145 @@
+"""Attention over a flattened batch of sequence segments, with a KV cache per sequence.
+
+Legend: T tokens in the step, n tokens of one segment, L cached + new positions of that sequence,
+N query heads, Nkv key/value heads, D head dim. A step's tokens are laid out segment after segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from emoe.spec import ModelSpec
+from router.kv_cache import SequenceCache
+from router.layers import Rope, rms_norm
+
+
+@dataclass
+class Segment:
+    """`n` new tokens of one sequence, starting at `start` in the step, after `past` cached positions."""
+
+    cache: SequenceCache
+    start: int
+    n: int
+    past: int
+
+
+def _mask(n: int, past: int, window: int | None) -> torch.Tensor | None:
+    """Causal (and sliding-window) mask [n, L] with True = attend; None when every key is allowed."""
+    if n == 1 and (window is None or past < window):
+        return None
+    q_pos = torch.arange(past, past + n).unsqueeze(1)  # [n, 1]
+    k_pos = torch.arange(past + n).unsqueeze(0)  # [1, L]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """q [n, N, D], k [L, Nkv, D], v [L, Nkv, Dv] -> [n, N * Dv]."""
+    rep = q.shape[1] // k.shape[1]
+    kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [Nkv, L, D]
+    if rep > 1:
+        kt, vt = kt.repeat_interleave(rep, dim=0), vt.repeat_interleave(rep, dim=0)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), kt, vt, attn_mask=mask, scale=scale)  # [N, n, Dv]
+    return out.transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def _per_segment(
+    layer: int,
+    segments: list[Segment],
+    window: int | None,
+    fn: Callable[[Segment, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    outs = [fn(s, _mask(s.n, s.past, window)) for s in segments]
+    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+
+
+class GQAAttention:
+    """Grouped-query attention with RoPE (optionally partial), optional qkv bias and q/k RMSNorm."""
+
+    def __init__(self, spec: ModelSpec, layer: int, get: Callable[[str], torch.Tensor], rope: Rope):
+        p = f"model.layers.{layer}.self_attn"
+        opt = _optional(get)
+        self.layer, self.spec, self.rope = layer, spec, rope
+        self.wq, self.wk, self.wv, self.wo = (get(f"{p}.{n}_proj.weight") for n in "qkvo")
+        self.bq, self.bk, self.bv = (opt(f"{p}.{n}_proj.bias", spec.qkv_bias) for n in "qkv")
+        self.bo = opt(f"{p}.o_proj.bias", spec.o_bias)
+        self.q_norm = opt(f"{p}.q_norm.weight", spec.qk_norm is not None)
+        self.k_norm = opt(f"{p}.k_norm.weight", spec.qk_norm is not None)
+
+    def __call__(self, x: torch.Tensor, cos_sin, segments: list[Segment]) -> torch.Tensor:
+        s, t = self.spec, x.shape[0]
+        q, k, v = F.linear(x, self.wq, self.bq), F.linear(x, self.wk, self.bk), F.linear(x, self.wv, self.bv)
+        if s.qk_norm == "full":  # RMSNorm over the whole projection (MiniMax-M2)
+            q, k = rms_norm(q, self.q_norm, s.rms_norm_eps), rms_norm(k, self.k_norm, s.rms_norm_eps)
+        q = q.view(t, s.num_heads, s.head_dim)  # [T, N, D]
+        k = k.view(t, s.num_kv_heads, s.head_dim)  # [T, Nkv, D]
+        v = v.view(t, s.num_kv_heads, s.head_dim)
+        if s.qk_norm == "head":  # RMSNorm per head (Qwen3)
+            q, k = rms_norm(q, self.q_norm, s.rms_norm_eps), rms_norm(k, self.k_norm, s.rms_norm_eps)
+        cos, sin = cos_sin
+        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+
+        def one(seg: Segment, mask) -> torch.Tensor:
+            sl = slice(seg.start, seg.start + seg.n)
+            kk, vv = seg.cache.append(self.layer, k[sl], v[sl])
+            return _sdpa(q[sl], kk, vv, mask, s.attn_scale)
+
+        out = _per_segment(self.layer, segments, s.sliding_window, one)  # [T, N * D]
+        return F.linear(out, self.wo, self.bo)
+
+
+class MLAAttention:
+    """DeepSeek multi-head latent attention: the cache holds the compressed latent and the rotary key."""
+
+    def __init__(self, spec: ModelSpec, layer: int, get: Callable[[str], torch.Tensor], rope: Rope):
+        p = f"model.layers.{layer}.self_attn"
+        opt = _optional(get)
+        self.layer, self.spec, self.rope = layer, spec, rope
+        lora = spec.q_lora_rank is not None
+        self.wq = opt(f"{p}.q_proj.weight", not lora)
+        self.wq_a = opt(f"{p}.q_a_proj.weight", lora)
+        self.bq_a = opt(f"{p}.q_a_proj.bias", lora and spec.qkv_bias)
+        self.q_a_norm = opt(f"{p}.q_a_layernorm.weight", lora)
+        self.wq_b = opt(f"{p}.q_b_proj.weight", lora)
+        self.wkv_a = get(f"{p}.kv_a_proj_with_mqa.weight")
+        self.bkv_a = opt(f"{p}.kv_a_proj_with_mqa.bias", spec.qkv_bias)
+        self.kv_a_norm = get(f"{p}.kv_a_layernorm.weight")
+        self.wkv_b = get(f"{p}.kv_b_proj.weight")
+        self.wo, self.bo = get(f"{p}.o_proj.weight"), opt(f"{p}.o_proj.bias", spec.o_bias)
+
+    def __call__(self, x: torch.Tensor, cos_sin, segments: list[Segment]) -> torch.Tensor:
+        s, t = self.spec, x.shape[0]
+        nope, rdim, r = s.qk_nope_head_dim, s.qk_rope_head_dim, s.kv_lora_rank
+        if self.wq is not None:
+            q = F.linear(x, self.wq)
+        else:
+            qa = rms_norm(F.linear(x, self.wq_a, self.bq_a), self.q_a_norm, s.rms_norm_eps)
+            q = F.linear(qa, self.wq_b)
+        q = q.view(t, s.num_heads, nope + rdim)  # [T, N, nope + R]
+        ckv = F.linear(x, self.wkv_a, self.bkv_a)  # [T, r + R]
+        latent = rms_norm(ckv[:, :r], self.kv_a_norm, s.rms_norm_eps)  # [T, r]
+        k_rot = ckv[:, r:].unsqueeze(1)  # [T, 1, R]
+        cos, sin = cos_sin
+        q_rot, k_rot = self.rope.apply(q[..., nope:], cos, sin), self.rope.apply(k_rot, cos, sin)
+        q = torch.cat([q[..., :nope], q_rot], dim=-1)
+
+        def one(seg: Segment, mask) -> torch.Tensor:
+            sl = slice(seg.start, seg.start + seg.n)
+            lat, kr = seg.cache.append(self.layer, latent[sl], k_rot[sl, 0])  # [L, r], [L, R]
+            kv = F.linear(lat, self.wkv_b).view(lat.shape[0], s.num_heads, nope + s.v_head_dim)
+            k_nope, v = kv[..., :nope], kv[..., nope:]
+            k = torch.cat([k_nope, kr.unsqueeze(1).expand(-1, s.num_heads, -1)], dim=-1)  # [L, N, nope + R]
+            return _sdpa(q[sl], k, v, mask, s.attn_scale)
+
+        out = _per_segment(self.layer, segments, None, one)  # [T, N * Dv]
+        return F.linear(out, self.wo, self.bo)
+
+
+def _optional(get: Callable[[str], torch.Tensor]) -> Callable[[str, bool], torch.Tensor | None]:
+    return lambda name, present: get(name) if present else None

@@ -1,0 +1,168 @@
+"""The in-process engine: the public Python API and the reference for every distributed path.
+
+engine = Engine.from_pretrained(path, dtype="float32")
+engine.logits([[1, 2, 3], [4, 5]])          # one [len_i, vocab] float32 tensor per sequence
+engine.generate([[1, 2, 3]], max_tokens=16)  # the new tokens of each sequence (KV cache)
+engine.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from emoe.checkpoint import Checkpoint
+from emoe.placement import Placement
+from emoe.spec import ModelSpec
+from experts.store import ExpertStore
+from router.attention import Segment
+from router.dispatch import Dispatcher, get_dispatcher
+from router.kv_cache import SequenceCache
+from router.model import RouterModel
+from router.sampling import Sampler, SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; choices: {', '.join(DTYPES)}")
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, model: RouterModel, dispatcher: Dispatcher):
+        self.spec, self.model, self.dispatcher = spec, model, dispatcher
+        self._loop = asyncio.new_event_loop()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype = "float32",
+        dispatcher: str = "local",
+        num_groups: int = 1,
+    ) -> Engine:
+        """Loads the router half and `num_groups` expert groups of the checkpoint at `path`.
+
+        `dispatcher="local"` keeps the expert groups in this process (the reference implementation).
+        """
+        torch_dtype = parse_dtype(dtype)
+        factory = get_dispatcher(dispatcher)
+        spec = ModelSpec.from_pretrained(path)
+        ckpt = Checkpoint(path, spec)
+        try:
+            ckpt.check_shapes()
+
+            def get(name: str, want: torch.dtype | None = None) -> torch.Tensor:
+                return ckpt.get(name, want or torch_dtype)
+
+            model = RouterModel(spec, get, torch_dtype)
+            placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, num_groups)
+            stores = [ExpertStore.from_checkpoint(ckpt, spec, g, torch_dtype) for g in placement.groups]
+        finally:
+            ckpt.close()
+        return cls(spec, model, factory(stores, placement))
+
+    # ---- public API ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_id_lists: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Logits at every position: one float32 tensor [len_i, vocab] per sequence."""
+        seqs = self._check_tokens(token_id_lists)
+        caches = [SequenceCache(self.spec.num_layers, len(s)) for s in seqs]
+        h = self._run(self._forward(seqs, caches))
+        logits = self.model.logits(h)
+        return list(logits.split([len(s) for s in seqs]))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        token_id_lists: Sequence[Sequence[int]],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+    ) -> list[list[int]]:
+        """The new tokens of each sequence: greedy when temperature is 0, else sampled (seeded per sequence).
+
+        A sequence stops after `max_tokens`, or at an end-of-sequence token (the model's eos ids, unless
+        `ignore_eos`, plus `stop_token_ids`), which is included in its output.
+        """
+        params = SamplingParams(
+            max_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids), ignore_eos
+        )
+        seqs = self._check_tokens(token_id_lists)
+        stops = set(params.stop_token_ids) | (set() if ignore_eos else set(self.spec.eos_token_ids))
+        samplers = [
+            Sampler(SamplingParams(**{**params.__dict__, "seed": None if seed is None else seed + i}))
+            for i in range(len(seqs))
+        ]
+        caches = [SequenceCache(self.spec.num_layers, len(s) + max_tokens) for s in seqs]
+        outputs: list[list[int]] = [[] for _ in seqs]
+        active = list(range(len(seqs)))
+        step_tokens = seqs
+        while active:
+            h = self._run(self._forward(step_tokens, [caches[i] for i in active], last_only=True))
+            logits = self.model.logits(h)  # [B, V]
+            still = []
+            for row, i in enumerate(active):
+                tok = samplers[i](logits[row])
+                outputs[i].append(tok)
+                if tok not in stops and len(outputs[i]) < max_tokens:
+                    still.append(i)
+            active = still
+            step_tokens = [[outputs[i][-1]] for i in active]
+        return outputs
+
+    def close(self) -> None:
+        self.dispatcher.close()
+        if not self._loop.is_closed():
+            self._loop.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _check_tokens(self, token_id_lists: Sequence[Sequence[int]]) -> list[list[int]]:
+        if not token_id_lists:
+            raise ValueError("token_id_lists is empty")
+        vocab = self.spec.vocab_size
+        out = []
+        for i, seq in enumerate(token_id_lists):
+            seq = [int(t) for t in seq]
+            if not seq:
+                raise ValueError(f"token_id_lists[{i}] is empty")
+            bad = [t for t in seq if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(
+                    f"token_id_lists[{i}] has token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+                )
+            out.append(seq)
+        return out
+
+    async def _forward(
+        self, seqs: list[list[int]], caches: list[SequenceCache], last_only: bool = False
+    ) -> torch.Tensor:
+        segments, start = [], 0
+        for seq, cache in zip(seqs, caches, strict=True):
+            segments.append(Segment(cache, start, len(seq), cache.length))
+            start += len(seq)
+        tokens = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+        h = await self.model.forward(tokens, segments, self.dispatcher)  # [T, H]
+        if last_only:
+            h = h[torch.tensor([s.start + s.n - 1 for s in segments])]
+        return h
+
+    def _run(self, coro):
+        return self._loop.run_until_complete(coro)
