@@ -1,8 +1,8 @@
 """`emoe`: the command line.
 
-    emoe demo-model DIR [--preset demo|bench-small] [--seed N] [--hot-experts 3,7]
-    emoe generate "text" [--model DIR] [--max-tokens N] [--temperature T] [--seed N] [--groups G]
-    emoe demo                      # creates the demo model if missing and generates in process
+emoe demo-model DIR [--preset demo|bench-small] [--seed N] [--hot-experts 3,7]
+emoe generate "text" [--model DIR] [--max-tokens N] [--temperature T] [--seed N] [--groups G]
+emoe demo                      # creates the demo model if missing and generates in process
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def _ensure_demo_model(path: Path) -> Path:
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from emoe.demo import write_demo_model
 
-    out = write_demo_model(args.dir, preset=args.preset, seed=args.seed, dtype=args.dtype, hot_experts=args.hot_experts)
+    out = write_demo_model(
+        args.dir, preset=args.preset, seed=args.seed, dtype=args.dtype, hot_experts=args.hot_experts
+    )
     print(f"wrote {args.preset} model (random weights, seed {args.seed}) to {out}")
     return 0
 
@@ -47,7 +49,9 @@ def _generate(model: Path, prompts: list[str], args: argparse.Namespace) -> None
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     t0 = time.perf_counter()
     with Engine.from_pretrained(model, dtype=args.dtype, num_groups=args.groups) as engine:
-        print(f"loaded {engine.spec.family} model from {model} in {time.perf_counter() - t0:.2f}s", flush=True)
+        print(
+            f"loaded {engine.spec.family} model from {model} in {time.perf_counter() - t0:.2f}s", flush=True
+        )
         ids = [tok.encode(p).ids for p in prompts]
         t0 = time.perf_counter()
         outs = engine.generate(

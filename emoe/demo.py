@@ -27,13 +27,29 @@ CHAT_TEMPLATE = (
 PRESETS: dict[str, dict] = {
     # small enough to load in a second on a laptop CPU
     "demo": dict(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-        rotary_dim=16, num_local_experts=16, num_experts_per_tok=4, intermediate_size=256, vocab_size=1024,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        rotary_dim=16,
+        num_local_experts=16,
+        num_experts_per_tok=4,
+        intermediate_size=256,
+        vocab_size=1024,
     ),
     # MiniMax-M2 architecture scaled down for benchmarks (issue: performance)
     "bench-small": dict(
-        hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
-        rotary_dim=32, num_local_experts=64, num_experts_per_tok=8, intermediate_size=512, vocab_size=32000,
+        hidden_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        rotary_dim=32,
+        num_local_experts=64,
+        num_experts_per_tok=8,
+        intermediate_size=512,
+        vocab_size=32000,
     ),
 }
 
@@ -162,7 +178,7 @@ def write_demo_model(
     gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     (out / "README.md").write_text(
-        "# elastic-moe demo model\n\nRANDOM weights (seed %d, preset %s): the text it writes is meaningless.\n"
-        "MiniMax-M2 architecture, for exercising elastic-moe offline.\n" % (seed, preset)
+        f"# elastic-moe demo model\n\nRANDOM weights (seed {seed}, preset {preset}): the text it writes is "
+        "meaningless.\nMiniMax-M2 architecture, for exercising elastic-moe offline.\n"
     )
     return out

@@ -26,7 +26,9 @@ def test_tokenizer_loads_with_autotokenizer(demo_dir):
     ids = tok(text)["input_ids"]
     assert tok.decode(ids) == text  # byte-level: every string round-trips
     assert len(tok) <= json.loads((demo_dir / "config.json").read_text())["vocab_size"]
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|im_start|>assistant\n")
 
 

@@ -49,7 +49,10 @@ def test_greedy_generate_matches_transformers(family_ckpt):
 
 def test_expert_groups_in_process_do_not_change_logits(family_ckpt):
     _, path, _ = family_ckpt
-    with Engine.from_pretrained(path, num_groups=1) as one, Engine.from_pretrained(path, num_groups=3) as three:
+    with (
+        Engine.from_pretrained(path, num_groups=1) as one,
+        Engine.from_pretrained(path, num_groups=3) as three,
+    ):
         for a, b in zip(one.logits(PROMPTS), three.logits(PROMPTS), strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 

@@ -14,11 +14,25 @@ def test_minimax_partial_rope_from_rotary_dim():
 
 def test_deepseek_dense_first_layers_and_grouped_routing():
     cfg = {
-        "model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4,
-        "topk_group": 2, "first_k_dense_replace": 1, "n_shared_experts": 2, "moe_intermediate_size": 8,
-        "intermediate_size": 48, "q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 4,
-        "qk_nope_head_dim": 8, "v_head_dim": 8, "rope_theta": 10000.0,
+        "model_type": "deepseek_v3",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 4,
+        "topk_group": 2,
+        "first_k_dense_replace": 1,
+        "n_shared_experts": 2,
+        "moe_intermediate_size": 8,
+        "intermediate_size": 48,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "rope_theta": 10000.0,
     }
     spec = ModelSpec.from_config(cfg)
     assert spec.moe_layers == (False, True, True)
