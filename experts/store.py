@@ -55,6 +55,11 @@ class ExpertStore:
             down[layer] = torch.stack(dn) if dn else _empty(spec, dtype, gate=False)
         return cls(slots, gate_up, down)
 
+    def to(self, device: torch.device) -> ExpertStore:
+        self.gate_up = {layer: t.to(device) for layer, t in self.gate_up.items()}
+        self.down = {layer: t.to(device) for layer, t in self.down.items()}
+        return self
+
     def num_slots(self, layer: int) -> int:
         return len(self.slots.get(layer, ()))
 

@@ -27,12 +27,12 @@ class Segment:
     past: int
 
 
-def _mask(n: int, past: int, window: int | None) -> torch.Tensor | None:
+def _mask(n: int, past: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """Causal (and sliding-window) mask [n, L] with True = attend; None when every key is allowed."""
     if n == 1 and (window is None or past < window):
         return None
-    q_pos = torch.arange(past, past + n).unsqueeze(1)  # [n, 1]
-    k_pos = torch.arange(past + n).unsqueeze(0)  # [1, L]
+    q_pos = torch.arange(past, past + n, device=device).unsqueeze(1)  # [n, 1]
+    k_pos = torch.arange(past + n, device=device).unsqueeze(0)  # [1, L]
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= k_pos > q_pos - window
@@ -50,12 +50,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float)
 
 
 def _per_segment(
-    layer: int,
+    x: torch.Tensor,
     segments: list[Segment],
     window: int | None,
     fn: Callable[[Segment, torch.Tensor | None], torch.Tensor],
 ) -> torch.Tensor:
-    outs = [fn(s, _mask(s.n, s.past, window)) for s in segments]
+    outs = [fn(s, _mask(s.n, s.past, window, x.device)) for s in segments]
     return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
 
@@ -90,7 +90,7 @@ class GQAAttention:
             kk, vv = seg.cache.append(self.layer, k[sl], v[sl])
             return _sdpa(q[sl], kk, vv, mask, s.attn_scale)
 
-        out = _per_segment(self.layer, segments, s.sliding_window, one)  # [T, N * D]
+        out = _per_segment(x, segments, s.sliding_window, one)  # [T, N * D]
         return F.linear(out, self.wo, self.bo)
 
 
@@ -137,7 +137,7 @@ class MLAAttention:
             k = torch.cat([k_nope, kr.unsqueeze(1).expand(-1, s.num_heads, -1)], dim=-1)  # [L, N, nope + R]
             return _sdpa(q[sl], k, v, mask, s.attn_scale)
 
-        out = _per_segment(self.layer, segments, None, one)  # [T, N * Dv]
+        out = _per_segment(x, segments, None, one)  # [T, N * Dv]
         return F.linear(out, self.wo, self.bo)
 
 

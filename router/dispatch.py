@@ -11,15 +11,21 @@ Protocol of every implementation:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
+from emoe.checkpoint import Checkpoint
 from emoe.placement import Placement
+from emoe.spec import ModelSpec
 from experts.store import ExpertStore
 
 
 class Dispatcher(Protocol):
+    placement: Placement
+
     async def forward(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor: ...
@@ -27,11 +33,24 @@ class Dispatcher(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class DispatchContext:
+    """What a dispatcher factory gets: the model, where it lives, and the placement of its experts."""
+
+    path: Path
+    spec: ModelSpec
+    dtype: torch.dtype
+    device: torch.device
+    placement: Placement
+    checkpoint: Checkpoint  # open for the duration of the factory call
+    options: dict[str, Any]
+
+
 def split_by_group(
     placement: Placement, layer: int, topk_ids: torch.Tensor
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Steps 1-2: [(group, rows [n_g], local ids [n_g, k] with -1 elsewhere)] for groups that get tokens."""
-    group_of, slot_of = placement.route(layer)
+    group_of, slot_of = (t.to(topk_ids.device) for t in placement.route(layer))
     groups = group_of[topk_ids]  # [T, k]
     slots = slot_of[topk_ids]  # [T, k]
     out = []
@@ -62,10 +81,32 @@ class LocalDispatcher:
         self.stores = []
 
 
-DISPATCHERS: dict[str, Callable[..., Dispatcher]] = {"local": LocalDispatcher}
+def _local(ctx: DispatchContext) -> Dispatcher:
+    stores = [
+        ExpertStore.from_checkpoint(ctx.checkpoint, ctx.spec, g, ctx.dtype).to(ctx.device)
+        for g in ctx.placement.groups
+    ]
+    return LocalDispatcher(stores, ctx.placement)
 
 
-def get_dispatcher(name: str) -> Callable[..., Dispatcher]:
+def _remote(transport: str) -> Callable[[DispatchContext], Dispatcher]:
+    def factory(ctx: DispatchContext) -> Dispatcher:
+        # Remote groups are Ray actors, started by the cluster layer; the router only knows this entry point.
+        from cluster.launch import launch_expert_groups
+
+        return launch_expert_groups(ctx, transport)
+
+    return factory
+
+
+DISPATCHERS: dict[str, Callable[[DispatchContext], Dispatcher]] = {
+    "local": _local,
+    "grpc": _remote("grpc"),
+    "dist": _remote("dist"),
+}
+
+
+def get_dispatcher(name: str) -> Callable[[DispatchContext], Dispatcher]:
     try:
         return DISPATCHERS[name]
     except KeyError:

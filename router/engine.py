@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from emoe.checkpoint import Checkpoint
 from emoe.placement import Placement
 from emoe.spec import ModelSpec
-from experts.store import ExpertStore
 from router.attention import Segment
-from router.dispatch import Dispatcher, get_dispatcher
+from router.dispatch import DispatchContext, Dispatcher, get_dispatcher
 from router.kv_cache import SequenceCache
 from router.model import RouterModel
 from router.sampling import Sampler, SamplingParams
@@ -47,27 +47,33 @@ class Engine:
         dtype: str | torch.dtype = "float32",
         dispatcher: str = "local",
         num_groups: int = 1,
+        device: str = "cpu",
+        **dispatcher_options: Any,
     ) -> Engine:
-        """Loads the router half and `num_groups` expert groups of the checkpoint at `path`.
+        """Loads the router half of the checkpoint at `path` and its experts as `num_groups` expert groups.
 
-        `dispatcher="local"` keeps the expert groups in this process (the reference implementation).
+        `dispatcher`: "local" keeps the groups in this process (the reference implementation); "grpc" and
+        "dist" start one Ray actor per group in the current Ray cluster (started on demand) and reach them
+        over gRPC or torch.distributed. `engine.close()` shuts those actors down.
         """
         torch_dtype = parse_dtype(dtype)
         factory = get_dispatcher(dispatcher)
         spec = ModelSpec.from_pretrained(path)
         ckpt = Checkpoint(path, spec)
+        dev = torch.device(device)
         try:
             ckpt.check_shapes()
 
             def get(name: str, want: torch.dtype | None = None) -> torch.Tensor:
-                return ckpt.get(name, want or torch_dtype)
+                return ckpt.get(name, want or torch_dtype).to(dev)
 
             model = RouterModel(spec, get, torch_dtype)
             placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, num_groups)
-            stores = [ExpertStore.from_checkpoint(ckpt, spec, g, torch_dtype) for g in placement.groups]
+            ctx = DispatchContext(Path(path), spec, torch_dtype, dev, placement, ckpt, dispatcher_options)
+            dispatch = factory(ctx)
         finally:
             ckpt.close()
-        return cls(spec, model, factory(stores, placement))
+        return cls(spec, model, dispatch)
 
     # ---- public API ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -123,9 +129,18 @@ class Engine:
         return outputs
 
     def close(self) -> None:
-        self.dispatcher.close()
-        if not self._loop.is_closed():
-            self._loop.close()
+        """Releases the expert groups (remote ones are shut down) and the engine's event loop."""
+        if self._loop.is_closed():
+            return
+
+        async def _close() -> None:
+            self.dispatcher.close()
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+        self._run(_close())
+        self._loop.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -158,10 +173,10 @@ class Engine:
         for seq, cache in zip(seqs, caches, strict=True):
             segments.append(Segment(cache, start, len(seq), cache.length))
             start += len(seq)
-        tokens = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+        tokens = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=self.model.device)
         h = await self.model.forward(tokens, segments, self.dispatcher)  # [T, H]
         if last_only:
-            h = h[torch.tensor([s.start + s.n - 1 for s in segments])]
+            h = h[torch.tensor([s.start + s.n - 1 for s in segments], device=h.device)]
         return h
 
     def _run(self, coro):

@@ -29,12 +29,11 @@ def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
 class Rope:
     """Rotary embedding over the first `rotary_dim` dims of each head (partial RoPE when < head dim)."""
 
-    def __init__(self, rotary_dim: int, theta: float, *, interleave: bool = False):
+    def __init__(self, rotary_dim: int, theta: float, *, interleave: bool = False, device=None):
         self.rotary_dim = rotary_dim
         self.interleave = interleave
-        self.inv_freq = 1.0 / (
-            theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
-        )  # [R/2]
+        exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim
+        self.inv_freq = (1.0 / (theta**exponent)).to(device)  # [R/2]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [T, R/2]

@@ -79,14 +79,17 @@ class RouterModel:
         self.embed = get("model.embed_tokens.weight")  # [V, H]
         self.head = self.embed if spec.tie_word_embeddings else get("lm_head.weight")  # [V, H]
         self.norm = get("model.norm.weight")
-        self.rope = Rope(spec.rotary_dim, spec.rope_theta, interleave=spec.rope_interleave)
+        self.device = self.embed.device
+        self.rope = Rope(
+            spec.rotary_dim, spec.rope_theta, interleave=spec.rope_interleave, device=self.device
+        )
         self.layers = [DecoderLayer(spec, i, get, self.rope) for i in range(spec.num_layers)]
 
     async def forward(
         self, tokens: torch.Tensor, segments: list[Segment], dispatcher: Dispatcher
     ) -> torch.Tensor:
         """tokens [T] -> final hidden states [T, H]; appends every segment's keys and values to its cache."""
-        positions = torch.cat([torch.arange(s.past, s.past + s.n) for s in segments])  # [T]
+        positions = torch.cat([torch.arange(s.past, s.past + s.n) for s in segments]).to(self.device)  # [T]
         cos_sin = self.rope.cos_sin(positions, self.dtype)
         h = F.embedding(tokens, self.embed)  # [T, H]
         for layer in self.layers:

@@ -1,0 +1,117 @@
+"""Starts expert groups as Ray actors for an engine, and wires a remote dispatcher to them.
+
+Steps of `launch_expert_groups`:
+  1. join the current Ray cluster, or start a local one (127.0.0.1, no dashboard);
+  2. start a registry actor for this engine;
+  3. start one `ExpertGroupReplica` actor per group (one GPU each when the cluster has GPUs), restarted by
+     Ray if it dies, spread over nodes or packed as configured;
+  4. wait until every group has registered an endpoint (its weights are loaded by then);
+  5. return a `RemoteDispatcher` whose close() shuts the actors and the registry down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from router.dispatch import DispatchContext
+from router.remote import RemoteDispatcher
+from router.transports import GRPC, DistTransport
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "emoe"
+DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+
+
+def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        init_kwargs.setdefault("include_dashboard", False)
+    ray.init(address=address, namespace=NAMESPACE, **init_kwargs)
+
+
+def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatcher:
+    import ray
+
+    from cluster.registry import Registry, RegistryClient
+    from experts.deployment import ExpertGroupReplica
+
+    opts = dict(ctx.options)
+    ensure_ray(opts.pop("ray_address", None))
+    spread = opts.pop("spread", "pack")
+    if spread not in ("pack", "spread"):
+        raise ValueError(f"spread must be 'pack' or 'spread', got {spread!r}")
+    start_timeout_s = float(opts.pop("start_timeout_s", 300.0))
+    torch_threads = int(opts.pop("torch_threads", 1))
+    num_gpus = opts.pop("num_gpus", None)
+    if num_gpus is None:
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+    name = f"emoe-registry-{uuid.uuid4().hex[:8]}"
+    registry = (
+        ray.remote(Registry).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1).remote()
+    )
+    actor_cls = ray.remote(ExpertGroupReplica)
+    actors = [
+        actor_cls.options(
+            num_gpus=num_gpus,
+            num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=0,
+            scheduling_strategy="SPREAD" if spread == "spread" else "DEFAULT",
+        ).remote(
+            str(ctx.path),
+            g,
+            ctx.placement.to_json(),
+            DTYPE_NAMES[str(ctx.dtype)],
+            name,
+            NAMESPACE,
+            "127.0.0.1",
+            torch_threads,
+        )
+        for g in range(ctx.placement.num_groups)
+    ]
+    _wait_registered(registry, actors, ctx.placement.num_groups, start_timeout_s)
+    client = RegistryClient(registry)
+
+    def shutdown() -> None:
+        client.close()
+        for a in actors:
+            try:
+                ray.get(a.shutdown.remote(), timeout=10)
+            except Exception as e:  # noqa: BLE001 - already dead: nothing to drain
+                log.info("replica shutdown: %s", e)
+            ray.kill(a, no_restart=True)
+        ray.kill(registry, no_restart=True)
+
+    tr = GRPC if transport == "grpc" else DistTransport(opts.pop("call_timeout_s", 30.0)).transport()
+    if opts:
+        raise ValueError(f"unknown dispatcher option(s): {', '.join(sorted(opts))}")
+    dispatcher = RemoteDispatcher(tr, client, ctx.placement, ctx.dtype, on_close=shutdown)
+    dispatcher.actors = actors
+    dispatcher.registry = registry
+    return dispatcher
+
+
+def _wait_registered(registry, actors, num_groups: int, timeout_s: float) -> None:
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, entries = ray.get(registry.snapshot.remote())
+        groups = {e["group"] for e in entries}
+        if len(groups) == num_groups:
+            return
+        # surface constructor failures (bad checkpoint, no GPU) instead of waiting out the timeout
+        ready, _ = ray.wait([a.ping.remote() for a in actors], num_returns=len(actors), timeout=0.2)
+        for ref in ready:
+            ray.get(ref)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only groups {sorted(groups)} of {num_groups} registered within {timeout_s}s")
+        time.sleep(0.1)

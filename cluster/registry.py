@@ -1,0 +1,109 @@
+"""Registry: where expert-group replicas announce their data-plane endpoints and routers learn of them.
+
+`Registry` is a Ray actor (async). Replicas `register` once they can serve and `deregister` on shutdown;
+a restarted replica registers again under the same actor id and replaces its old entry. Routers long-poll
+`wait_for_change(version)` through a `RegistryClient`, so additions and removals reach them while running.
+A router that cannot reach a replica reports it; the registry pings the replica and drops it if dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    def __init__(self):
+        self.version = 0
+        self.entries: dict[str, dict[str, Any]] = {}  # replica_id -> info
+        self.handles: dict[str, Any] = {}
+        self._changed = asyncio.Event()
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def register(self, info: dict[str, Any], handle: Any = None) -> int:
+        stale = [rid for rid, e in self.entries.items() if e["actor_id"] == info["actor_id"]]
+        for rid in stale:  # the same actor, restarted: its old endpoints are dead
+            self.entries.pop(rid)
+            self.handles.pop(rid, None)
+        self.entries[info["replica_id"]] = info
+        self.handles[info["replica_id"]] = handle
+        self._bump()
+        return self.version
+
+    async def deregister(self, replica_id: str) -> int:
+        if self.entries.pop(replica_id, None) is not None:
+            self.handles.pop(replica_id, None)
+            self._bump()
+        return self.version
+
+    async def report_unreachable(self, replica_id: str, ping_timeout_s: float = 2.0) -> bool:
+        """Drops `replica_id` unless it answers a ping; returns whether it is still registered."""
+        handle = self.handles.get(replica_id)
+        if replica_id not in self.entries:
+            return False
+        if handle is not None:
+            try:
+                if await asyncio.wait_for(handle.ping.remote(), ping_timeout_s) == replica_id:
+                    return True
+            except Exception as e:  # noqa: BLE001 - dead, restarting or hung: all mean unreachable
+                log.info("replica %s unreachable: %s", replica_id, e)
+        await self.deregister(replica_id)
+        return False
+
+    async def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        return self.version, list(self.entries.values())
+
+    async def wait_for_change(self, known_version: int, timeout_s: float = 5.0) -> tuple[int, list[dict]]:
+        if known_version == self.version:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return await self.snapshot()
+
+
+class RegistryClient:
+    """A router's view of the registry, kept fresh by a background long-poll thread."""
+
+    def __init__(self, registry_handle: Any, poll_timeout_s: float = 2.0):
+        import ray
+
+        self._ray, self._registry = ray, registry_handle
+        self.version, self.entries = ray.get(registry_handle.snapshot.remote())
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._poll_timeout_s = poll_timeout_s
+        self._thread = threading.Thread(target=self._poll, name="emoe-registry-client", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ref = self._registry.wait_for_change.remote(self.version, self._poll_timeout_s)
+                version, entries = self._ray.get(ref, timeout=self._poll_timeout_s + 10)
+            except Exception as e:  # noqa: BLE001 - registry restarting: try again shortly
+                log.warning("registry poll failed: %s", e)
+                self._stop.wait(0.5)
+                continue
+            with self._cond:
+                if version != self.version:
+                    self.version, self.entries = version, entries
+                    self._cond.notify_all()
+
+    def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        with self._cond:
+            return self.version, list(self.entries)
+
+    def report_unreachable(self, replica_id: str) -> None:
+        self._registry.report_unreachable.remote(replica_id)
+
+    def close(self) -> None:
+        self._stop.set()

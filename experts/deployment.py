@@ -1,0 +1,123 @@
+"""ExpertGroupReplica: one replica of one expert group. A plain Ray actor now; the same class, unchanged,
+is the replica of the Serve deployment `ExpertGroup-<g>`.
+
+The constructor does everything a replica needs before it takes traffic, in order:
+  1. pick its device (the GPU Ray assigned it, else CPU);
+  2. read only its slice of the checkpoint;
+  3. start its data-plane servers (gRPC and torch.distributed) on OS-assigned ports;
+  4. register its endpoints with the registry actor (so routers learn of it only once it can serve).
+A restarted replica (Ray `max_restarts`) runs the constructor again and re-registers under the same
+actor id, replacing its dead endpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import torch
+
+from emoe.checkpoint import Checkpoint
+from emoe.placement import Placement
+from emoe.spec import ModelSpec
+from experts.dist_server import DistExpertServer
+from experts.server import ExpertServicer, GrpcExpertServer
+from experts.service import ExpertGroupCore
+from experts.store import ExpertStore
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    replica_id: str
+    actor_id: str
+    group: int
+    placement_version: int
+    grpc_endpoint: str
+    dist_endpoint: str
+    dist_backend: str
+    node_id: str
+    gpu_ids: tuple[str, ...]
+    device: str
+    tensors_read: tuple[str, ...]
+    pid: int
+
+
+class ExpertGroupReplica:
+    def __init__(
+        self,
+        model_path: str,
+        group: int,
+        placement_json: str,
+        dtype: str = "float32",
+        registry_name: str | None = None,
+        registry_namespace: str | None = None,
+        host: str = "127.0.0.1",
+        torch_threads: int = 1,
+    ):
+        import ray
+
+        t0 = time.perf_counter()
+        torch.set_num_threads(torch_threads)
+        ctx = ray.get_runtime_context()
+        gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+        self.device = (
+            torch.device("cuda", 0) if gpu_ids and torch.cuda.is_available() else torch.device("cpu")
+        )
+        placement = Placement.from_json(placement_json)
+        spec = ModelSpec.from_pretrained(model_path)
+        ckpt = Checkpoint(model_path, spec)
+        try:
+            store = ExpertStore.from_checkpoint(ckpt, spec, placement.groups[group], DTYPES[dtype])
+        finally:
+            ckpt.close()
+        store.to(self.device)
+        self.replica_id = uuid.uuid4().hex[:12]
+        self.core = ExpertGroupCore(store, group, placement.version, spec.hidden_size, self.device)
+        self.grpc = GrpcExpertServer(ExpertServicer(self.core, self.replica_id, DTYPES[dtype]), host)
+        self.dist = DistExpertServer(self.core, host)
+        self.info = ReplicaInfo(
+            replica_id=self.replica_id,
+            actor_id=ctx.get_actor_id() or self.replica_id,
+            group=group,
+            placement_version=placement.version,
+            grpc_endpoint=self.grpc.start(),
+            dist_endpoint=self.dist.start(),
+            dist_backend=self.dist.backend,
+            node_id=ctx.get_node_id(),
+            gpu_ids=gpu_ids,
+            device=str(self.device),
+            tensors_read=tuple(sorted(ckpt.stats.tensors_read)),
+            pid=os.getpid(),
+        )
+        self._registry = None
+        if registry_name:
+            self._registry = ray.get_actor(registry_name, namespace=registry_namespace)
+            ray.get(self._registry.register.remote(asdict(self.info), ctx.current_actor))
+        log.info(
+            "expert group %d replica %s ready in %.2fs", group, self.replica_id, time.perf_counter() - t0
+        )
+
+    def describe(self) -> dict:
+        return asdict(self.info)
+
+    def ping(self) -> str:
+        return self.replica_id
+
+    def stats(self) -> dict:
+        return {"tokens": self.core.tokens_served, "calls": self.core.calls_served}
+
+    def shutdown(self) -> None:
+        """Deregisters, then stops the servers (in-flight gRPC calls get a short grace period)."""
+        import ray
+
+        if self._registry is not None:
+            ray.get(self._registry.deregister.remote(self.replica_id))
+        self.grpc.stop()
+        self.dist.stop()

@@ -1,0 +1,184 @@
+"""Remote dispatchers: expert groups in other processes, reached over gRPC or torch.distributed.
+
+One dispatcher class; the transport is a pair of functions chosen once (connect, call). Per MoE layer:
+  1. split the tokens by group (`split_by_group`), only the rows routed to each group travel;
+  2. for every group at once: pick the healthy replica with the least outstanding tokens and call it;
+     a failed or timed-out call marks that replica failed and is retried on another replica of the group;
+     with none left, wait (bounded by `replacement_wait_s`) for a replacement to register;
+  3. scatter-add the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from emoe.placement import Placement
+from router.dispatch import split_by_group
+
+log = logging.getLogger(__name__)
+
+
+class EndpointSource(Protocol):
+    """What the router needs of the registry: a snapshot of replicas, and a way to report a dead one."""
+
+    def snapshot(self) -> tuple[int, list[dict[str, Any]]]: ...
+
+    def report_unreachable(self, replica_id: str) -> None: ...
+
+
+class DispatchError(RuntimeError):
+    """No replica of a group answered within the bounded wait."""
+
+
+class TransportError(RuntimeError):
+    """A call to one replica failed (connection lost, timeout, server error)."""
+
+
+@dataclass
+class Replica:
+    info: dict[str, Any]
+    outstanding: int = 0
+    failed_at: float | None = None
+    conn: Any = None  # transport connection, made lazily
+
+    @property
+    def id(self) -> str:
+        return self.info["replica_id"]
+
+
+@dataclass
+class DispatchStats:
+    calls: int = 0
+    retries: int = 0
+    failovers: int = 0
+    tokens_per_group: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Transport:
+    name: str
+    connect: Callable[[dict[str, Any]], Awaitable[Any]]
+    # call(conn, layer, version, hidden, local_ids, weights, timeout_s) -> [n, H]
+    call: Callable[..., Awaitable[torch.Tensor]]
+    close: Callable[[Any], None]
+
+
+class ReplicaPool:
+    """The replicas of every group, refreshed from the endpoint source; least-outstanding selection."""
+
+    def __init__(self, source: EndpointSource, failure_cooldown_s: float = 5.0):
+        self.source, self.cooldown = source, failure_cooldown_s
+        self.version = -1
+        self.replicas: dict[str, Replica] = {}
+
+    def refresh(self) -> None:
+        version, entries = self.source.snapshot()
+        if version == self.version:
+            return
+        live = {e["replica_id"]: e for e in entries}
+        for rid in list(self.replicas):
+            if rid not in live:
+                self.replicas.pop(rid)
+        for rid, info in live.items():
+            self.replicas.setdefault(rid, Replica(info))
+        self.version = version
+
+    def healthy(self, group: int, exclude: set[str]) -> list[Replica]:
+        now = time.monotonic()
+        return [
+            r
+            for r in self.replicas.values()
+            if r.info["group"] == group
+            and r.id not in exclude
+            and (r.failed_at is None or now - r.failed_at > self.cooldown)
+        ]
+
+    async def acquire(self, group: int, exclude: set[str], deadline: float) -> Replica:
+        while True:
+            self.refresh()
+            candidates = self.healthy(group, exclude)
+            if candidates:
+                return min(candidates, key=lambda r: r.outstanding)
+            if time.monotonic() >= deadline:
+                raise DispatchError(f"no healthy replica of expert group {group} within the wait bound")
+            await asyncio.sleep(0.05)
+
+    def mark_failed(self, replica: Replica) -> None:
+        replica.failed_at = time.monotonic()
+        self.source.report_unreachable(replica.id)
+
+
+class RemoteDispatcher:
+    def __init__(
+        self,
+        transport: Transport,
+        source: EndpointSource,
+        placement: Placement,
+        wire_dtype: torch.dtype,
+        *,
+        call_timeout_s: float = 30.0,
+        replacement_wait_s: float = 60.0,
+        on_close: Callable[[], None] | None = None,
+    ):
+        self.transport, self.placement, self.wire_dtype = transport, placement, wire_dtype
+        self.pool = ReplicaPool(source)
+        self.call_timeout_s, self.replacement_wait_s = call_timeout_s, replacement_wait_s
+        self.stats = DispatchStats()
+        self._on_close = on_close
+
+    async def forward(self, layer, hidden, topk_ids, topk_weights):
+        out = torch.zeros_like(hidden)  # [T, H]
+        parts = split_by_group(self.placement, layer, topk_ids)
+        x = hidden.to(self.wire_dtype)
+        results = await asyncio.gather(
+            *(self._call_group(g, layer, x[rows], ids, topk_weights[rows]) for g, rows, ids in parts)
+        )
+        for (_, rows, _), y in zip(parts, results, strict=True):
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+    async def _call_group(self, group, layer, x, local_ids, weights) -> torch.Tensor:
+        n = x.shape[0]
+        self.stats.calls += 1
+        self.stats.tokens_per_group[group] = self.stats.tokens_per_group.get(group, 0) + n
+        tried: set[str] = set()
+        deadline = time.monotonic() + self.replacement_wait_s
+        while True:
+            replica = await self.pool.acquire(group, tried, deadline)
+            replica.outstanding += n
+            try:
+                if replica.conn is None:
+                    replica.conn = await self.transport.connect(replica.info)
+                return await self.transport.call(
+                    replica.conn, layer, self.placement.version, x, local_ids, weights, self.call_timeout_s
+                )
+            except TransportError as e:
+                log.warning("group %d replica %s failed (%s); retrying", group, replica.id, e)
+                self._drop(replica)
+                tried.add(replica.id)
+                self.stats.retries += 1
+                self.stats.failovers += 1
+            finally:
+                replica.outstanding -= n
+
+    def _drop(self, replica: Replica) -> None:
+        if replica.conn is not None:
+            self.transport.close(replica.conn)
+            replica.conn = None
+        self.pool.mark_failed(replica)
+
+    def close(self) -> None:
+        for r in self.pool.replicas.values():
+            if r.conn is not None:
+                self.transport.close(r.conn)
+                r.conn = None
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None

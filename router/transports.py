@@ -1,0 +1,138 @@
+"""The two remote transports of `RemoteDispatcher`: gRPC (grpc.aio) and torch.distributed pairs.
+
+Errors that a retry on another replica cannot fix (a request the replica refuses as malformed) raise
+ValueError; everything else (connection lost, deadline, dead peer) raises TransportError and is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from emoe import p2p
+from emoe.v1 import expert_pb2 as pb
+from emoe.v1 import expert_pb2_grpc as pb_grpc
+from emoe.wire import DEFAULT_LIMITS, WireError, decode, encode
+from router.remote import Transport, TransportError
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", DEFAULT_LIMITS.max_message_bytes),
+    ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_message_bytes),
+]
+NOT_RETRIED = (grpc.StatusCode.INVALID_ARGUMENT,)
+
+
+# ---- gRPC ---------------------------------------------------------------------------------------
+
+
+async def _grpc_connect(info: dict[str, Any]):
+    channel = grpc.aio.insecure_channel(info["grpc_endpoint"], options=GRPC_OPTIONS)
+    return channel, pb_grpc.ExpertServiceStub(channel)
+
+
+async def _grpc_call(conn, layer, version, x, local_ids, weights, timeout_s) -> torch.Tensor:
+    _, stub = conn
+    req = pb.ExpertForwardRequest(
+        layer=layer,
+        placement_version=version,
+        hidden=encode(x),
+        local_ids=encode(local_ids.to(torch.int32)),
+        weights=encode(weights.float()),
+    )
+    try:
+        resp = await stub.Forward(req, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        if e.code() in NOT_RETRIED:
+            raise ValueError(f"expert replica refused the request: {e.details()}") from e
+        raise TransportError(f"{e.code().name}: {e.details()}") from e
+    try:
+        return decode(resp.output, "output", dtypes=("float32", "bfloat16", "float16"))
+    except WireError as e:
+        raise TransportError(f"malformed response: {e}") from e
+
+
+def _grpc_close(conn) -> None:
+    channel, _ = conn
+    try:
+        asyncio.get_running_loop().create_task(channel.close())
+    except RuntimeError:  # no running loop: the channel is collected with the loop
+        pass
+
+
+GRPC = Transport("grpc", _grpc_connect, _grpc_call, _grpc_close)
+
+
+# ---- torch.distributed --------------------------------------------------------------------------
+
+
+@dataclass
+class DistConn:
+    pg: Any
+    store: Any
+    lock: threading.Lock
+
+
+class DistTransport:
+    """Blocking point-to-point ops run on a thread pool, so all groups of a layer proceed at once."""
+
+    def __init__(self, timeout_s: float = 30.0, max_threads: int = 32):
+        self.timeout_s = timeout_s
+        self.pool = ThreadPoolExecutor(max_threads, thread_name_prefix="emoe-dist")
+
+    def transport(self) -> Transport:
+        return Transport("dist", self.connect, self.call, self.close)
+
+    async def connect(self, info: dict[str, Any]) -> DistConn:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._connect, info)
+
+    def _connect(self, info: dict[str, Any]) -> DistConn:
+        host, port = info["dist_endpoint"].rsplit(":", 1)
+        try:
+            store = p2p.client_store(host, int(port), self.timeout_s)
+            pair = store.add("pairs", 1) - 1
+            store.set(f"join/{pair}", "1")
+            pg = p2p.pair_group(store, pair, 0, info["dist_backend"], self.timeout_s)
+        except Exception as e:  # noqa: BLE001 - refused, timed out, peer gone
+            raise TransportError(f"cannot join {info['dist_endpoint']}: {e}") from e
+        return DistConn(pg, store, threading.Lock())
+
+    async def call(self, conn: DistConn, layer, version, x, local_ids, weights, timeout_s) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._call, conn, layer, version, x, local_ids, weights)
+
+    def _call(self, conn: DistConn, layer, version, x, local_ids, weights) -> torch.Tensor:
+        n, k = local_ids.shape
+        dev = x.device
+        header = torch.tensor([p2p.OP_FORWARD, layer, version, n, k, x.shape[1], p2p.DTYPE_CODES[x.dtype]])
+        with conn.lock:
+            try:
+                p2p.send(conn.pg, header.to(dev), 1)
+                p2p.send(conn.pg, x, 1)
+                p2p.send(conn.pg, local_ids.to(dev, torch.int32), 1)
+                p2p.send(conn.pg, weights.to(dev, torch.float32), 1)
+                status = p2p.recv(conn.pg, torch.empty(2, dtype=torch.int64, device=dev), 1).tolist()
+                if status[0] != p2p.STATUS_OK:
+                    raise ValueError(f"expert replica refused the request (status {status[0]})")
+                return p2p.recv(conn.pg, torch.empty_like(x), 1)
+            except ValueError:
+                raise
+            except Exception as e:  # noqa: BLE001 - gloo/NCCL errors: peer closed, timeout
+                raise TransportError(str(e)) from e
+
+    def close(self, conn: DistConn) -> None:
+        """Tells the replica to end this pair when the stream is idle and healthy; drops it either way."""
+        if conn.pg is not None and conn.lock.acquire(blocking=False):
+            try:
+                p2p.send(conn.pg, torch.tensor([p2p.OP_CLOSE, 0, 0, 0, 0, 0, 0]), 1)
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            finally:
+                conn.lock.release()
+        conn.pg = None
+        conn.store = None
