@@ -49,6 +49,9 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
         raise ValueError(f"spread must be 'pack' or 'spread', got {spread!r}")
     start_timeout_s = float(opts.pop("start_timeout_s", 300.0))
     torch_threads = int(opts.pop("torch_threads", 1))
+    replicas = int(opts.pop("replicas_per_group", 1))
+    if replicas < 1:
+        raise ValueError(f"replicas_per_group must be >= 1, got {replicas}")
     num_gpus = opts.pop("num_gpus", None)
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -76,8 +79,9 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
             torch_threads,
         )
         for g in range(ctx.placement.num_groups)
+        for _ in range(replicas)
     ]
-    _wait_registered(registry, actors, ctx.placement.num_groups, start_timeout_s)
+    _wait_registered(registry, actors, len(actors), start_timeout_s)
     client = RegistryClient(registry)
 
     def shutdown() -> None:
@@ -94,24 +98,24 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
     if opts:
         raise ValueError(f"unknown dispatcher option(s): {', '.join(sorted(opts))}")
     dispatcher = RemoteDispatcher(tr, client, ctx.placement, ctx.dtype, on_close=shutdown)
-    dispatcher.actors = actors
-    dispatcher.registry = registry
+    dispatcher.actors, dispatcher.registry, dispatcher.registry_name = actors, registry, name
     return dispatcher
 
 
-def _wait_registered(registry, actors, num_groups: int, timeout_s: float) -> None:
+def _wait_registered(registry, actors, num_replicas: int, timeout_s: float) -> None:
     import ray
 
     deadline = time.monotonic() + timeout_s
     while True:
         _, entries = ray.get(registry.snapshot.remote())
-        groups = {e["group"] for e in entries}
-        if len(groups) == num_groups:
+        if len(entries) == num_replicas:
             return
         # surface constructor failures (bad checkpoint, no GPU) instead of waiting out the timeout
         ready, _ = ray.wait([a.ping.remote() for a in actors], num_returns=len(actors), timeout=0.2)
         for ref in ready:
             ray.get(ref)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only groups {sorted(groups)} of {num_groups} registered within {timeout_s}s")
+            raise TimeoutError(
+                f"only {len(entries)} of {num_replicas} replicas registered within {timeout_s}s"
+            )
         time.sleep(0.1)

@@ -132,6 +132,10 @@ class RemoteDispatcher:
         self.call_timeout_s, self.replacement_wait_s = call_timeout_s, replacement_wait_s
         self.stats = DispatchStats()
         self._on_close = on_close
+        # set by whoever started the replicas (cluster.launch), for tests and operators
+        self.actors: list[Any] = []
+        self.registry: Any = None
+        self.registry_name = ""
 
     async def forward(self, layer, hidden, topk_ids, topk_weights):
         out = torch.zeros_like(hidden)  # [T, H]
