@@ -105,6 +105,7 @@ def write_checkpoint(
     out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, max_shard_bytes: int = 32 * 2**20
 ) -> None:
     """Sharded safetensors + `model.safetensors.index.json`, as `save_pretrained` lays them out."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():

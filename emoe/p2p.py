@@ -6,8 +6,11 @@ that joins or leaves never stalls traffic to the others. Rendezvous, in steps:
   2. a router takes a pair number with `add("pairs", 1)` and sets `join/<i>`;
   3. the replica's acceptor sees `join/<i>` and both sides build a group on `PrefixStore("pair/<i>")`,
      the router as rank 0 and the replica as rank 1.
-Per call: router sends a header (int64) then hidden [n, H], local_ids [n, k] (int32), weights [n, k]
-(float32); the replica answers a status header, then (status 0 only) the output [n, H].
+Per call, three messages:
+  1. router -> replica: header int64 [op, layer, placement_version, n, k, H, dtype code];
+  2. router -> replica: payload uint8 = hidden [n, H] | local_ids [n, k] int32 | weights [n, k] float32;
+  3. replica -> router: reply uint8 = status int64 [2] | output [n, H] (zeros unless status is 0).
+A header whose sizes fail the replica's limits closes the pair without a reply (its stream is untrusted).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import datetime
 import torch
 import torch.distributed as dist
 
-HEADER = 7  # [op, layer, placement_version, n, k, H, dtype code]
+HEADER = 7
 OP_FORWARD, OP_CLOSE = 1, 0
 STATUS_OK, STATUS_BAD_REQUEST, STATUS_PLACEMENT = 0, 1, 2
+STATUS_BYTES = 16
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
@@ -57,3 +61,21 @@ def send(pg, t: torch.Tensor, dst: int) -> None:
 def recv(pg, t: torch.Tensor, src: int) -> torch.Tensor:
     pg.recv([t], src, 0).wait()
     return t
+
+
+def as_bytes(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenates the raw bytes of `tensors` into one uint8 tensor."""
+    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+
+
+def payload_size(n: int, k: int, hidden: int, dtype: torch.dtype) -> int:
+    return n * hidden * dtype.itemsize + n * k * 8
+
+
+def split_payload(buf: torch.Tensor, n: int, k: int, hidden: int, dtype: torch.dtype):
+    """uint8 payload -> (hidden [n, H], local_ids [n, k] int32, weights [n, k] float32)."""
+    a = n * hidden * dtype.itemsize
+    x = buf[:a].view(dtype).view(n, hidden)
+    ids = buf[a : a + n * k * 4].view(torch.int32).view(n, k)
+    w = buf[a + n * k * 4 :].view(torch.float32).view(n, k)
+    return x, ids, w

@@ -1,8 +1,8 @@
 """torch.distributed data-plane server of an expert-group replica (protocol in `emoe.p2p`).
 
 An acceptor thread waits for routers to join; each pair is served by its own thread, one call at a time.
-A malformed header gets a status reply and then the pair is closed (its byte stream can no longer be
-trusted); the replica itself keeps serving every other pair.
+A request for the wrong layer or placement version gets a status reply and the pair stays usable; a header
+whose sizes break the limits closes that pair. Either way the replica keeps serving every other pair.
 """
 
 from __future__ import annotations
@@ -56,32 +56,28 @@ class DistExpertServer:
         dev = self.core.device
         header = p2p.recv(pg, torch.empty(p2p.HEADER, dtype=torch.int64, device=dev), 0).tolist()
         op, layer, version, n, k, hidden, code = header
-        if op == p2p.OP_CLOSE:
+        if op != p2p.OP_FORWARD:
             return False
+        dtype = p2p.CODE_DTYPES.get(code)
         try:
-            dtype = p2p.CODE_DTYPES.get(code)
             if dtype is None:
                 raise ValueError(f"hidden: unknown dtype code {code}")
-            self.core.check(layer, version, n, k, hidden)
-        except PlacementMismatch:
-            return self._refuse(pg, p2p.STATUS_PLACEMENT)
-        except ValueError:
-            return self._refuse(pg, p2p.STATUS_BAD_REQUEST)
-        x = p2p.recv(pg, torch.empty(n, hidden, dtype=dtype, device=dev), 0)
-        ids = p2p.recv(pg, torch.empty(n, k, dtype=torch.int32, device=dev), 0)
-        w = p2p.recv(pg, torch.empty(n, k, dtype=torch.float32, device=dev), 0)
+            self.core.check_sizes(n, k, hidden)
+        except ValueError as e:
+            log.warning("dist pair: refusing header %s: %s", header, e)
+            return False  # sizes untrusted: the payload cannot be drained, close the pair
+        size = p2p.payload_size(n, k, hidden, dtype)
+        buf = p2p.recv(pg, torch.empty(size, dtype=torch.uint8, device=dev), 0)
+        x, ids, w = p2p.split_payload(buf, n, k, hidden, dtype)
+        status = p2p.STATUS_OK
         try:
             out = self.core.forward(layer, version, x, ids, w)
+        except PlacementMismatch:
+            status, out = p2p.STATUS_PLACEMENT, torch.zeros_like(x)
         except ValueError:
-            p2p.send(pg, torch.tensor([p2p.STATUS_BAD_REQUEST, 0], device=dev), 0)
-            return True  # payload fully read: the stream is still in step
-        p2p.send(pg, torch.tensor([p2p.STATUS_OK, n], device=dev), 0)
-        p2p.send(pg, out, 0)
+            status, out = p2p.STATUS_BAD_REQUEST, torch.zeros_like(x)
+        p2p.send(pg, p2p.as_bytes(torch.tensor([status, n], device=dev), out), 0)
         return True
-
-    def _refuse(self, pg, status: int) -> bool:
-        p2p.send(pg, torch.tensor([status, 0], device=self.core.device), 0)
-        return False  # the payload that follows was not read: close this pair
 
     def stop(self) -> None:
         self._stop.set()

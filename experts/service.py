@@ -40,12 +40,18 @@ class ExpertGroupCore:
 
     def check(self, layer: int, version: int, n: int, k: int, hidden: int) -> None:
         """Header-level checks (before any payload is allocated)."""
+        self.check_target(layer, version)
+        self.check_sizes(n, k, hidden)
+
+    def check_target(self, layer: int, version: int) -> None:
         if version != self.placement_version:
             raise PlacementMismatch(
                 f"placement_version {version} does not match this replica's {self.placement_version}"
             )
         if layer not in self.store.slots:
             raise ValueError(f"layer {layer} is not held by expert group {self.group}")
+
+    def check_sizes(self, n: int, k: int, hidden: int) -> None:
         if hidden != self.hidden_size:
             raise ValueError(f"hidden: size {hidden} does not match the model's {self.hidden_size}")
         if not 0 <= n <= self.limits.max_tokens:

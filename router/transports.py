@@ -108,22 +108,23 @@ class DistTransport:
 
     def _call(self, conn: DistConn, layer, version, x, local_ids, weights) -> torch.Tensor:
         n, k = local_ids.shape
-        dev = x.device
-        header = torch.tensor([p2p.OP_FORWARD, layer, version, n, k, x.shape[1], p2p.DTYPE_CODES[x.dtype]])
+        dev, hidden = x.device, x.shape[1]
+        header = torch.tensor([p2p.OP_FORWARD, layer, version, n, k, hidden, p2p.DTYPE_CODES[x.dtype]])
+        payload = p2p.as_bytes(x, local_ids.to(dev, torch.int32), weights.to(dev, torch.float32))
+        reply = torch.empty(p2p.STATUS_BYTES + n * hidden * x.dtype.itemsize, dtype=torch.uint8, device=dev)
         with conn.lock:
             try:
                 p2p.send(conn.pg, header.to(dev), 1)
-                p2p.send(conn.pg, x, 1)
-                p2p.send(conn.pg, local_ids.to(dev, torch.int32), 1)
-                p2p.send(conn.pg, weights.to(dev, torch.float32), 1)
-                status = p2p.recv(conn.pg, torch.empty(2, dtype=torch.int64, device=dev), 1).tolist()
-                if status[0] != p2p.STATUS_OK:
-                    raise ValueError(f"expert replica refused the request (status {status[0]})")
-                return p2p.recv(conn.pg, torch.empty_like(x), 1)
-            except ValueError:
-                raise
+                p2p.send(conn.pg, payload, 1)
+                p2p.recv(conn.pg, reply, 1)
             except Exception as e:  # noqa: BLE001 - gloo/NCCL errors: peer closed, timeout
                 raise TransportError(str(e)) from e
+        status = reply[: p2p.STATUS_BYTES].view(torch.int64).tolist()[0]
+        if status == p2p.STATUS_PLACEMENT:
+            raise ValueError(f"expert replica holds another placement version than {version}")
+        if status != p2p.STATUS_OK:
+            raise ValueError(f"expert replica refused the request (status {status})")
+        return reply[p2p.STATUS_BYTES :].view(x.dtype).view(n, hidden)
 
     def close(self, conn: DistConn) -> None:
         """Tells the replica to end this pair when the stream is idle and healthy; drops it either way."""

@@ -15,6 +15,7 @@ from experts.dist_server import DistExpertServer
 from experts.server import ExpertServicer, GrpcExpertServer
 from experts.service import ExpertGroupCore, PlacementMismatch
 from experts.store import ExpertStore
+from router.remote import TransportError
 from router.transports import GRPC, DistTransport
 
 H, INTER, E = 16, 8, 4
@@ -24,7 +25,9 @@ H, INTER, E = 16, 8, 4
 def core():
     g = torch.Generator().manual_seed(0)
     store = ExpertStore(
-        {1: [0, 1, 2, 3]}, {1: torch.randn(E, 2 * INTER, H, generator=g)}, {1: torch.randn(E, H, INTER, generator=g)}
+        {1: [0, 1, 2, 3]},
+        {1: torch.randn(E, 2 * INTER, H, generator=g)},
+        {1: torch.randn(E, H, INTER, generator=g)},
     )
     return ExpertGroupCore(store, group=0, placement_version=3, hidden_size=H, device=torch.device("cpu"))
 
@@ -117,9 +120,16 @@ def test_gloo_pairs_serve_and_survive_a_bad_header(core):
         want = core.store.forward(1, x, ids, w)
         for conn in (a, b):
             torch.testing.assert_close(await tr.call(conn, 1, 3, x, ids, w, 10), want)
-        # a header for a layer this group does not hold: refused, that pair closed, the other keeps working
-        p2p.send(a.pg, torch.tensor([p2p.OP_FORWARD, 5, 3, 1, 1, H, 0]), 1)
-        assert p2p.recv(a.pg, torch.empty(2, dtype=torch.int64), 1).tolist()[0] == p2p.STATUS_BAD_REQUEST
+        # a layer this group does not hold: refused with a status, the pair stays usable
+        with pytest.raises(ValueError, match="refused"):
+            await tr.call(a, 5, 3, x, ids, w, 10)
+        with pytest.raises(ValueError, match="placement version"):
+            await tr.call(a, 1, 4, x, ids, w, 10)
+        torch.testing.assert_close(await tr.call(a, 1, 3, x, ids, w, 10), want)
+        # a header whose sizes break the limits: that pair is closed, the other keeps working
+        p2p.send(a.pg, torch.tensor([p2p.OP_FORWARD, 1, 3, 1 << 40, 1, H, 0]), 1)
+        with pytest.raises(TransportError):
+            await tr.call(a, 1, 3, x, ids, w, 2)
         torch.testing.assert_close(await tr.call(b, 1, 3, x, ids, w, 10), want)
         tr.close(b)
 
