@@ -103,7 +103,13 @@ class Engine:
         `ignore_eos`, plus `stop_token_ids`), which is included in its output.
         """
         params = SamplingParams(
-            max_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids), ignore_eos
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=tuple(stop_token_ids),
+            ignore_eos=ignore_eos,
         )
         seqs = self._check_tokens(token_id_lists)
         stops = set(params.stop_token_ids) | (set() if ignore_eos else set(self.spec.eos_token_ids))

@@ -1,0 +1,137 @@
+"""The request/response types every layer shares (frontends, router, engine), and request validation.
+
+Frontends (gRPC, HTTP) turn wire messages into `GenerateRequest`, call `validate_request`, and hand the
+request to an `InferenceBackend`; errors are `InvalidRequest` (naming the field) or `Overloaded`, mapped to
+gRPC status codes and HTTP statuses in one place (`cluster/errors.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class InvalidRequest(ValueError):
+    """Bad input. `field` names the offending request field (e.g. "sampling.temperature")."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Overloaded(RuntimeError):
+    """The server cannot take this request now (queue full); the client may retry later."""
+
+
+class UnknownRequest(KeyError):
+    """No request with this id is running (cancel of a finished or unknown request)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequest("sampling.max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest("sampling.temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequest("sampling.top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidRequest("sampling.seed", f"must be an integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequest("sampling.stop", "stop strings must be non-empty strings")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]  # already tokenized and validated by the frontend
+    sampling: SamplingParams
+    prompt_text: str = ""  # for logs and for detokenization context only
+
+
+@dataclass
+class GenerateChunk:
+    """New output of one request since the previous chunk. `finish_reason` is set on the last one only."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    vocab_size: int
+    max_context: int  # prompt + output tokens
+    max_tokens_limit: int  # largest max_tokens accepted
+    eos_token_ids: tuple[int, ...]
+    num_groups: int = 1
+    transport: str = "local"
+
+
+class InferenceBackend(Protocol):
+    """What a frontend needs: a streaming generate, cancellation, and the model's description."""
+
+    def info(self) -> ModelInfo: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
+
+    async def cancel(self, request_id: str) -> None: ...
+
+
+def validate_prompt(
+    info: ModelInfo, prompt: str | None, prompt_token_ids: Sequence[int] | None, tokenize
+) -> list[int]:
+    """Exactly one of `prompt` / `prompt_token_ids`; returns the token ids, checked against the model."""
+    has_text, has_ids = bool(prompt), bool(prompt_token_ids)
+    if has_text and has_ids:
+        raise InvalidRequest("prompt", "give either prompt or prompt_token_ids, not both")
+    if not has_text and not has_ids:
+        raise InvalidRequest("prompt", "empty: give a non-empty prompt or prompt_token_ids")
+    ids = list(tokenize(prompt)) if has_text else [int(t) for t in prompt_token_ids]
+    if not ids:
+        raise InvalidRequest("prompt", "tokenizes to no tokens")
+    bad = [t for t in ids if not 0 <= t < info.vocab_size]
+    if bad:
+        raise InvalidRequest("prompt_token_ids", f"ids outside the vocabulary [0, {info.vocab_size}): {bad[:5]}")
+    if len(ids) >= info.max_context:
+        raise InvalidRequest("prompt", f"{len(ids)} tokens exceeds the context length {info.max_context}")
+    return ids
+
+
+def validate_budget(info: ModelInfo, prompt_len: int, sampling: SamplingParams) -> None:
+    if sampling.max_tokens > info.max_tokens_limit:
+        raise InvalidRequest(
+            "sampling.max_tokens", f"{sampling.max_tokens} exceeds the limit {info.max_tokens_limit}"
+        )
+    bad = [t for t in sampling.stop_token_ids if not 0 <= t < info.vocab_size]
+    if bad:
+        raise InvalidRequest("sampling.stop_token_ids", f"ids outside the vocabulary: {bad[:5]}")
+    if prompt_len + sampling.max_tokens > info.max_context:
+        raise InvalidRequest(
+            "sampling.max_tokens",
+            f"prompt ({prompt_len}) + max_tokens ({sampling.max_tokens}) exceeds the context length "
+            f"{info.max_context}",
+        )
