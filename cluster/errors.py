@@ -1,0 +1,28 @@
+"""The one place where errors become gRPC status codes and HTTP statuses."""
+
+from __future__ import annotations
+
+import grpc
+
+from emoe.api import InvalidRequest, Overloaded, UnknownRequest
+
+
+class Unauthenticated(PermissionError):
+    """Missing or wrong API / admin token."""
+
+
+# exception type -> (gRPC status, HTTP status, OpenAI error type)
+ERROR_MAP: list[tuple[type[BaseException], grpc.StatusCode, int, str]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_exceeded"),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
+    (UnknownRequest, grpc.StatusCode.NOT_FOUND, 404, "not_found_error"),
+]
+
+
+def classify(exc: BaseException) -> tuple[grpc.StatusCode, int, str]:
+    """(gRPC status, HTTP status, error type) for an exception; anything unexpected is INTERNAL / 500."""
+    for cls, code, http, kind in ERROR_MAP:
+        if isinstance(exc, cls):
+            return code, http, kind
+    return grpc.StatusCode.INTERNAL, 500, "server_error"

@@ -1,0 +1,99 @@
+"""Tokenizer (a `tokenizer.json` through the `tokenizers` library), chat template, incremental detokenizer.
+
+The detokenizer emits text only once it is complete: a multi-byte character split across tokens is held
+back until its last byte arrives, so streamed text never contains a broken character.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+REPLACEMENT = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        self._tok = HFTokenizer.from_file(str(file))
+        cfg_file = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.chat_template: str | None = cfg.get("chat_template")
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Renders `messages` with the tokenizer's chat template (a plain role: content format without one)."""
+        if not self.chat_template:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text + ("assistant: " if add_generation_prompt else "")
+        import jinja2
+
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        return env.from_string(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, prompt_ids)
+
+
+def _token_text(tok) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never splitting a character.
+
+    Decodes a short window (a few tokens of context before the unread ones) so the cost per token is
+    constant; text is emitted when the window's decoding no longer ends in a replacement character.
+    """
+
+    CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self.tok = tokenizer
+        self.ids: list[int] = list(prompt_ids[-self.CONTEXT :])
+        self.prefix = 0  # start of the context window
+        self.read = len(self.ids)  # ids before this are already emitted as text
+        self.text = ""
+
+    def add(self, new_ids: Sequence[int]) -> str:
+        """Appends `new_ids`; returns the newly completed text (possibly empty)."""
+        self.ids.extend(new_ids)
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+            delta = after[len(before) :]
+            self.prefix, self.read = max(0, len(self.ids) - self.CONTEXT), len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """At the end of a stream: whatever is left, replacement characters included."""
+        rest = self.tok.decode(self.ids[self.prefix :])[len(self.tok.decode(self.ids[self.prefix : self.read])) :]
+        self.read = len(self.ids)
+        self.text += rest
+        return rest
