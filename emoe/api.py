@@ -42,9 +42,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidRequest("sampling.max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+            raise InvalidRequest(
+                "sampling.max_tokens", f"must be a positive integer, got {self.max_tokens!r}"
+            )
         if not _finite(self.temperature) or self.temperature < 0:
-            raise InvalidRequest("sampling.temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+            raise InvalidRequest(
+                "sampling.temperature", f"must be a finite number >= 0, got {self.temperature!r}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequest("sampling.top_k", f"must be an integer >= 0, got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
@@ -115,7 +119,9 @@ def validate_prompt(
         raise InvalidRequest("prompt", "tokenizes to no tokens")
     bad = [t for t in ids if not 0 <= t < info.vocab_size]
     if bad:
-        raise InvalidRequest("prompt_token_ids", f"ids outside the vocabulary [0, {info.vocab_size}): {bad[:5]}")
+        raise InvalidRequest(
+            "prompt_token_ids", f"ids outside the vocabulary [0, {info.vocab_size}): {bad[:5]}"
+        )
     if len(ids) >= info.max_context:
         raise InvalidRequest("prompt", f"{len(ids)} tokens exceeds the context length {info.max_context}")
     return ids

@@ -93,7 +93,9 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of a stream: whatever is left, replacement characters included."""
-        rest = self.tok.decode(self.ids[self.prefix :])[len(self.tok.decode(self.ids[self.prefix : self.read])) :]
+        rest = self.tok.decode(self.ids[self.prefix :])[
+            len(self.tok.decode(self.ids[self.prefix : self.read])) :
+        ]
         self.read = len(self.ids)
         self.text += rest
         return rest

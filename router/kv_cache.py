@@ -50,3 +50,56 @@ class SequenceCache:
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for bufs in self._layers if bufs for b in bufs)
+
+
+class KVPool:
+    """The physical KV storage of a router: per layer, tensors of [num_blocks * block_size, ...] positions.
+
+    Feature shapes are taken from the first write of each layer (GQA: K and V [Nkv, D]; MLA: latent [r]
+    and rotary key [R]), so one pool serves every attention variant.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers: list[list[torch.Tensor] | None] = [None] * num_layers
+
+    def storage(self, layer: int, like: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        bufs = self.layers[layer]
+        if bufs is None:
+            n = self.num_blocks * self.block_size
+            bufs = self.layers[layer] = [t.new_zeros((n, *t.shape[1:])) for t in like]
+        return bufs
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for bufs in self.layers if bufs for b in bufs)
+
+
+class PagedSequenceCache:
+    """One sequence's view of the pool for one step: writes new positions into its blocks, reads all back."""
+
+    def __init__(self, pool: KVPool, block_table: list[int], length: int):
+        self.pool, self.length = pool, length
+        self._table = torch.tensor(block_table, dtype=torch.long)
+        self._slots: dict[int, torch.Tensor] = {}
+
+    def _positions_to_slots(self, end: int) -> torch.Tensor:
+        slots = self._slots.get(end)
+        if slots is None:
+            pos = torch.arange(end)
+            bs = self.pool.block_size
+            slots = self._slots[end] = self._table[pos // bs] * bs + pos % bs
+        return slots
+
+    def append(self, layer: int, *new: torch.Tensor) -> list[torch.Tensor]:
+        n = new[0].shape[0]
+        end = self.length + n
+        slots = self._positions_to_slots(end)
+        bufs = self.pool.storage(layer, new)
+        if bufs[0].device != slots.device:
+            slots = self._slots[end] = slots.to(bufs[0].device)
+        for buf, t in zip(bufs, new, strict=True):
+            buf[slots[self.length :]] = t
+        return [buf[slots] for buf in bufs]
+
+    def advance(self, n: int) -> None:
+        self.length += n

@@ -1,0 +1,264 @@
+"""AsyncEngine: the serving engine of a router replica. Continuous batching over a paged KV cache.
+
+Stream contract of `generate(request)`: an async iterator of `GenerateChunk`s, one per engine step that
+produced a token; `text` holds only complete characters (a split multi-byte character waits for its last
+token) and never any part of a matched stop string; the last chunk has `finish_reason` ("stop" for an eos
+/ stop token / stop string, "length" for max_tokens or the context limit) and the final usage counts.
+Abandoning the iterator (client gone, `cancel`) frees the request's KV blocks at once.
+
+The loop, per step: 1. schedule (scheduler.py); 2. one forward over every scheduled chunk, flattened;
+3. sample where a sequence's known tokens are all computed; 4. detokenize, check stops, emit chunks,
+free finished sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from emoe.api import GenerateChunk, GenerateRequest, Overloaded, UnknownRequest
+from emoe.spec import ModelSpec
+from emoe.tokenizer import IncrementalDetokenizer, Tokenizer
+from router.attention import Segment
+from router.dispatch import Dispatcher
+from router.kv_cache import KVPool, PagedSequenceCache
+from router.model import RouterModel
+from router.sampling import Sampler
+from router.scheduler import BlockManager, Scheduler, Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_blocks: int = 2048
+    block_size: int = 16
+    max_batch_tokens: int = 512
+    max_num_seqs: int = 64
+    max_queue: int = 256  # waiting requests beyond this are refused (Overloaded)
+    max_context: int = 4096
+
+
+@dataclass
+class RequestState:
+    request: GenerateRequest
+    sampler: Sampler
+    queue: asyncio.Queue
+    detok: IncrementalDetokenizer | None
+    stops: frozenset[int]
+    pending_text: str = ""  # decoded but held back: it may be the start of a stop string
+    done: bool = False
+    first_token_at: float | None = None
+    arrived_at: float = field(default_factory=time.monotonic)
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: RouterModel,
+        dispatcher: Dispatcher,
+        config: EngineConfig = EngineConfig(),
+        tokenizer: Tokenizer | None = None,
+    ):
+        self.spec, self.model, self.dispatcher, self.config = spec, model, dispatcher, config
+        self.tokenizer = tokenizer
+        self.pool = KVPool(spec.num_layers, config.kv_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            BlockManager(config.kv_blocks, config.block_size), config.max_batch_tokens, config.max_num_seqs
+        )
+        self.seqs: dict[str, Sequence] = {}
+        self.in_flight: set[Sequence] = set()
+        self.steps = 0
+        self.tokens_generated = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # ---- public --------------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        seq = self._admit(request)
+        state: RequestState = seq.state
+        try:
+            while True:
+                item = await state.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            if not state.done:
+                self._abort(seq)
+
+    async def cancel(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            raise UnknownRequest(request_id)
+        self._abort(seq)
+
+    def stats(self) -> dict:
+        bm = self.scheduler.blocks
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": bm.num_used,
+            "kv_blocks_total": bm.num_blocks,
+            "kv_usage": bm.num_used / bm.num_blocks,
+            "steps": self.steps,
+            "tokens_generated": self.tokens_generated,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    # ---- admission and cancellation ------------------------------------------------------------
+    def _admit(self, request: GenerateRequest) -> Sequence:
+        if request.request_id in self.seqs:
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+        if len(self.scheduler.waiting) >= self.config.max_queue:
+            raise Overloaded(f"queue full ({self.config.max_queue} requests waiting)")
+        p = request.sampling
+        max_tokens = min(p.max_tokens, self.config.max_context - len(request.prompt_token_ids))
+        if max_tokens < 1:
+            raise ValueError(
+                f"prompt of {len(request.prompt_token_ids)} tokens leaves no room in the context"
+            )
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_token_ids))
+        detok = self.tokenizer.detokenizer(request.prompt_token_ids) if self.tokenizer else None
+        state = RequestState(request, Sampler(p), asyncio.Queue(), detok, frozenset(stops))
+        seq = Sequence(request.request_id, list(request.prompt_token_ids), max_tokens, state=state)
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+        self._ensure_running()
+        self._wake.set()
+        return seq
+
+    def _abort(self, seq: Sequence) -> None:
+        state: RequestState = seq.state
+        if state.done:
+            return
+        state.done = True
+        if seq not in self.in_flight:
+            self._release(seq)
+        state.queue.put_nowait(self._chunk(seq, [], "", "abort"))
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.request_id, None)
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    # ---- the loop ------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            chunks = self.scheduler.schedule()
+            if not chunks:
+                await asyncio.sleep(0.001)
+                continue
+            try:
+                await self._step(chunks)
+            except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+                log.exception("engine step failed")
+                for c in chunks:
+                    self._fail(c.seq, e)
+            finally:
+                self.in_flight.clear()
+            await asyncio.sleep(0)  # let streams and new requests in between steps
+
+    async def _step(self, chunks) -> None:
+        self.in_flight = {c.seq for c in chunks}
+        segments, tokens, start = [], [], 0
+        for c in chunks:
+            cache = PagedSequenceCache(self.pool, c.seq.block_table, c.start)
+            segments.append(Segment(cache, start, c.n, c.start))
+            tokens.extend(c.seq.token_slice(c.start, c.n))
+            start += c.n
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
+        with torch.inference_mode():
+            h = await self.model.forward(ids, segments, self.dispatcher)  # [T, H]
+            last = [s.start + s.n - 1 for s, c in zip(segments, chunks, strict=True) if c.samples]
+            logits = self.model.logits(h[last]) if last else None  # [B, V]
+        self.steps += 1
+        row = 0
+        for c in chunks:
+            c.seq.num_computed = c.start + c.n
+            if c.samples:
+                self._on_token(c.seq, logits[row])
+                row += 1
+            elif c.seq.state.done:
+                self._release(c.seq)
+
+    def _on_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+        state: RequestState = seq.state
+        if state.done:  # cancelled while its step was in flight
+            self._release(seq)
+            return
+        tok = state.sampler(logits)
+        seq.output.append(tok)
+        self.tokens_generated += 1
+        state.first_token_at = state.first_token_at or time.monotonic()
+        text = state.detok.add([tok]) if state.detok else ""
+        finish = None
+        if tok in state.stops:
+            finish = "stop"
+        elif len(seq.output) >= seq.max_tokens:
+            finish = "length"
+        text, hit = self._hold_back(state, text, final=finish is not None)
+        if hit:
+            finish = "stop"
+        if finish:
+            state.done = True
+            self._release(seq)
+        state.queue.put_nowait(self._chunk(seq, [tok], text, finish))
+
+    def _hold_back(self, state: RequestState, text: str, final: bool) -> tuple[str, bool]:
+        """Stop strings: returns (text safe to emit now, whether a stop string matched)."""
+        stops = state.request.sampling.stop
+        if not stops:
+            return (text + (state.detok.flush() if final and state.detok else "")), False
+        pending = state.pending_text + text + (state.detok.flush() if final and state.detok else "")
+        for s in stops:
+            i = pending.find(s)
+            if i >= 0:
+                state.pending_text = ""
+                return pending[:i], True
+        keep = 0 if final else max(len(s) for s in stops) - 1
+        cut = len(pending) - keep if keep else len(pending)
+        state.pending_text = pending[cut:]
+        return pending[:cut], False
+
+    def _chunk(self, seq: Sequence, toks: list[int], text: str, finish: str | None) -> GenerateChunk:
+        return GenerateChunk(
+            request_id=seq.request_id,
+            token_ids=toks,
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.output),
+        )
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        state: RequestState = seq.state
+        if not state.done:
+            state.done = True
+            state.queue.put_nowait(RuntimeError(f"request {seq.request_id} failed: {error}"))
+        if seq.status is not Status.FINISHED:
+            self._release(seq)
