@@ -73,8 +73,7 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
             g,
             ctx.placement.to_json(),
             DTYPE_NAMES[str(ctx.dtype)],
-            name,
-            NAMESPACE,
+            registry,
             "127.0.0.1",
             torch_threads,
         )

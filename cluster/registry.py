@@ -1,9 +1,11 @@
 """Registry: where expert-group replicas announce their data-plane endpoints and routers learn of them.
 
-`Registry` is a Ray actor (async). Replicas `register` once they can serve and `deregister` on shutdown;
-a restarted replica registers again under the same actor id and replaces its old entry. Routers long-poll
+`Registry` is a plain class run as a Ray actor (engine mode) or as the singleton Serve deployment
+"Registry" (served mode). Replicas `register` once they can serve and `deregister` on shutdown; a restarted
+replica registers again under the same actor id and replaces its old entry. Routers long-poll
 `wait_for_change(version)` through a `RegistryClient`, so additions and removals reach them while running.
-A router that cannot reach a replica reports it; the registry pings the replica and drops it if dead.
+A router that cannot reach a replica reports it; the registry asks the replica's gRPC `Info` and drops the
+entry unless the same replica answers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import threading
 from typing import Any
 
+from emoe.handles import call, call_in_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -20,7 +24,6 @@ class Registry:
     def __init__(self):
         self.version = 0
         self.entries: dict[str, dict[str, Any]] = {}  # replica_id -> info
-        self.handles: dict[str, Any] = {}
         self._changed = asyncio.Event()
 
     def _bump(self) -> None:
@@ -28,33 +31,27 @@ class Registry:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def register(self, info: dict[str, Any], handle: Any = None) -> int:
+    async def register(self, info: dict[str, Any]) -> int:
         stale = [rid for rid, e in self.entries.items() if e["actor_id"] == info["actor_id"]]
         for rid in stale:  # the same actor, restarted: its old endpoints are dead
             self.entries.pop(rid)
-            self.handles.pop(rid, None)
         self.entries[info["replica_id"]] = info
-        self.handles[info["replica_id"]] = handle
         self._bump()
         return self.version
 
     async def deregister(self, replica_id: str) -> int:
         if self.entries.pop(replica_id, None) is not None:
-            self.handles.pop(replica_id, None)
             self._bump()
         return self.version
 
-    async def report_unreachable(self, replica_id: str, ping_timeout_s: float = 2.0) -> bool:
-        """Drops `replica_id` unless it answers a ping; returns whether it is still registered."""
-        handle = self.handles.get(replica_id)
-        if replica_id not in self.entries:
+    async def report_unreachable(self, replica_id: str, timeout_s: float = 2.0) -> bool:
+        """Drops `replica_id` unless it answers on its gRPC endpoint; returns whether it stays registered."""
+        info = self.entries.get(replica_id)
+        if info is None:
             return False
-        if handle is not None:
-            try:
-                if await asyncio.wait_for(handle.ping.remote(), ping_timeout_s) == replica_id:
-                    return True
-            except Exception as e:  # noqa: BLE001 - dead, restarting or hung: all mean unreachable
-                log.info("replica %s unreachable: %s", replica_id, e)
+        if await _answers(info, timeout_s):
+            return True
+        log.info("replica %s (group %s) unreachable: deregistered", replica_id, info.get("group"))
         await self.deregister(replica_id)
         return False
 
@@ -70,14 +67,26 @@ class Registry:
         return await self.snapshot()
 
 
+async def _answers(info: dict[str, Any], timeout_s: float) -> bool:
+    import grpc
+
+    from emoe.v1 import expert_pb2 as pb
+    from emoe.v1 import expert_pb2_grpc as pb_grpc
+
+    try:
+        async with grpc.aio.insecure_channel(info["grpc_endpoint"]) as channel:
+            reply = await pb_grpc.ExpertServiceStub(channel).Info(pb.ExpertInfoRequest(), timeout=timeout_s)
+        return reply.replica_id == info["replica_id"]
+    except grpc.aio.AioRpcError:
+        return False
+
+
 class RegistryClient:
     """A router's view of the registry, kept fresh by a background long-poll thread."""
 
     def __init__(self, registry_handle: Any, poll_timeout_s: float = 2.0):
-        import ray
-
-        self._ray, self._registry = ray, registry_handle
-        self.version, self.entries = ray.get(registry_handle.snapshot.remote())
+        self._registry = registry_handle
+        self.version, self.entries = call_in_thread(registry_handle, "snapshot")
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._poll_timeout_s = poll_timeout_s
@@ -87,8 +96,13 @@ class RegistryClient:
     def _poll(self) -> None:
         while not self._stop.is_set():
             try:
-                ref = self._registry.wait_for_change.remote(self.version, self._poll_timeout_s)
-                version, entries = self._ray.get(ref, timeout=self._poll_timeout_s + 10)
+                version, entries = call(
+                    self._registry,
+                    "wait_for_change",
+                    self.version,
+                    self._poll_timeout_s,
+                    timeout_s=self._poll_timeout_s + 10,
+                )
             except Exception as e:  # noqa: BLE001 - registry restarting: try again shortly
                 log.warning("registry poll failed: %s", e)
                 self._stop.wait(0.5)

@@ -17,10 +17,12 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from emoe.checkpoint import Checkpoint
+from emoe.handles import call_in_thread
 from emoe.placement import Placement
 from emoe.spec import ModelSpec
 from experts.dist_server import DistExpertServer
@@ -56,8 +58,7 @@ class ExpertGroupReplica:
         group: int,
         placement_json: str,
         dtype: str = "float32",
-        registry_name: str | None = None,
-        registry_namespace: str | None = None,
+        registry: Any = None,
         host: str = "127.0.0.1",
         torch_threads: int = 1,
     ):
@@ -96,10 +97,9 @@ class ExpertGroupReplica:
             tensors_read=tuple(sorted(ckpt.stats.tensors_read)),
             pid=os.getpid(),
         )
-        self._registry = None
-        if registry_name:
-            self._registry = ray.get_actor(registry_name, namespace=registry_namespace)
-            ray.get(self._registry.register.remote(asdict(self.info), ctx.current_actor))
+        self._registry = registry
+        if registry is not None:
+            call_in_thread(registry, "register", asdict(self.info))
         log.info(
             "expert group %d replica %s ready in %.2fs", group, self.replica_id, time.perf_counter() - t0
         )
@@ -115,9 +115,14 @@ class ExpertGroupReplica:
 
     def shutdown(self) -> None:
         """Deregisters, then stops the servers (in-flight gRPC calls get a short grace period)."""
-        import ray
-
         if self._registry is not None:
-            ray.get(self._registry.deregister.remote(self.replica_id))
+            call_in_thread(self._registry, "deregister", self.replica_id, timeout_s=10)
+            self._registry = None
         self.grpc.stop()
         self.dist.stop()
+
+    def __del__(self) -> None:  # Serve calls this when it stops a replica (scale-down, redeploy)
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            pass

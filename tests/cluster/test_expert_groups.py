@@ -66,11 +66,10 @@ def test_router_learns_of_added_and_removed_replicas(ray_cluster, mixtral):
 
     with Engine.from_pretrained(mixtral, dispatcher="grpc", num_groups=2) as engine:
         d = engine.dispatcher
-        name = d.registry_name
         extra = (
             ray.remote(ExpertGroupReplica)
             .options(num_cpus=0, num_gpus=0)
-            .remote(str(mixtral), 1, d.placement.to_json(), "float32", name, "emoe")
+            .remote(str(mixtral), 1, d.placement.to_json(), "float32", d.registry)
         )
         extra_id = ray.get(extra.ping.remote())
         _wait(lambda: _pool_ids(engine, 1) == 2)

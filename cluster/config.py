@@ -1,0 +1,91 @@
+"""AppConfig: the one configuration of a served application (YAML file, CLI flags or Serve builder args).
+
+An invalid value is an error naming the field (`ConfigError`, from pydantic's validation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+DEFAULT_MODEL_DIR = Path(".emoe/demo-model")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names each offending field."""
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(str(DEFAULT_MODEL_DIR), description="checkpoint directory (config.json + safetensors)")
+    model_name: str | None = Field(None, description="name served in the APIs (default: the directory name)")
+    groups: int = Field(2, ge=1, description="expert groups (one Serve deployment each)")
+    replicas_per_group: int = Field(1, ge=1, description="initial replicas of each expert group")
+    routers: int = Field(1, ge=1, description="router replicas")
+    transport: Literal["grpc", "dist", "local"] = Field("grpc", description="router -> expert data plane")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    host: str = Field("127.0.0.1", description="address the gRPC and HTTP servers bind")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="public gRPC API port (0: OS picks)")
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI HTTP API and dashboard port")
+    gpus_per_expert_replica: float | None = Field(
+        None, ge=0, description="default: 1 if the cluster has GPUs"
+    )
+    kv_blocks: int = Field(2048, ge=1, description="KV cache blocks per router replica")
+    block_size: int = Field(16, ge=1, le=1024)
+    max_batch_tokens: int = Field(512, ge=1, description="token budget of one engine step")
+    max_num_seqs: int = Field(64, ge=1, description="sequences in one engine step")
+    max_queue: int = Field(256, ge=0, description="waiting requests per router before RESOURCE_EXHAUSTED")
+    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    max_context: int | None = Field(None, ge=2, description="prompt + output limit (default: the model's)")
+    api_token: SecretStr | None = Field(None, description="bearer token required by the public APIs")
+    admin_token: SecretStr | None = Field(None, description="token required by admin actions")
+    tls_cert_file: str | None = Field(None, description="PEM certificate for the gRPC API")
+    tls_key_file: str | None = Field(None, description="PEM private key for the gRPC API")
+    router_torch_threads: int = Field(0, ge=0, description="torch threads in a router (0: torch default)")
+    expert_torch_threads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> AppConfig:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.model).name
+
+    def to_args(self) -> dict[str, Any]:
+        """Plain dict (secrets revealed) for Serve builder args and deployment constructors."""
+        out = self.model_dump()
+        for k in ("api_token", "admin_token"):
+            out[k] = out[k].get_secret_value() if out[k] is not None else None
+        return out
+
+
+def load_config(file: str | Path | None = None, **overrides: Any) -> AppConfig:
+    """YAML file (optional) then overrides (CLI flags; None values ignored) -> AppConfig."""
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            loaded = yaml.safe_load(Path(file).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config file {file}: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file}: expected a mapping of fields")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(data)
+
+
+def parse_config(data: dict[str, Any]) -> AppConfig:
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from e
