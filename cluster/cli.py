@@ -65,9 +65,36 @@ def _generate(model: Path, prompts: list[str], args: argparse.Namespace) -> None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.address:
+        return _generate_remote(args)
     model = _ensure_demo_model(DEFAULT_MODEL_DIR) if args.model is None else Path(args.model)
     _generate(model, [args.text], args)
     return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    import grpc
+
+    from emoe.client import InferenceClient
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    with InferenceClient(args.address, token=args.token) as client:
+        try:
+            finish = ""
+            for msg in client.generate(prompt=args.text, **sampling):
+                print(msg.text, end="", flush=True)
+                finish = msg.finish_reason or finish
+            print(f"\n[finish_reason: {finish}]")
+        except grpc.RpcError as e:
+            print(f"emoe: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.serve_cmd import serve_main
+
+    return serve_main(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -96,10 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--hot-experts", type=_int_list, default=[], help="expert ids given a large gate bias")
     p.set_defaults(fn=cmd_demo_model)
-    p = sub.add_parser("generate", help="generate a completion of TEXT")
+    p = sub.add_parser("generate", help="generate a completion of TEXT (in process, or from a server)")
     p.add_argument("text")
     _sampling_flags(p)
+    p.add_argument("--address", default=None, help="gRPC address of a running server, e.g. 127.0.0.1:50051")
+    p.add_argument("--token", default=None, help="API token of that server")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("serve", help="serve the model on a local Ray cluster (gRPC + OpenAI HTTP)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the demo model, created if missing)")
+    p.add_argument("--config", default=None, help="YAML file of AppConfig fields")
+    p.add_argument("--groups", type=int, default=None)
+    p.add_argument("--transport", default=None, choices=["grpc", "dist", "local"])
+    p.add_argument("--grpc-port", type=int, default=None)
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("demo", help="create the demo model if missing and generate a few completions")
     _sampling_flags(p)
     p.set_defaults(fn=cmd_demo)

@@ -101,6 +101,29 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
     return dispatcher
 
 
+def attach_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatcher:
+    """A dispatcher to expert groups started by someone else (the Serve app), found through `registry`.
+
+    Waits (bounded by `start_timeout_s`) until every group has at least one registered replica.
+    """
+    from cluster.registry import RegistryClient
+
+    opts = dict(ctx.options)
+    registry = opts.pop("registry")
+    start_timeout_s = float(opts.pop("start_timeout_s", 600.0))
+    client = RegistryClient(registry)
+    deadline = time.monotonic() + start_timeout_s
+    while {e["group"] for e in client.snapshot()[1]} != set(range(ctx.placement.num_groups)):
+        if time.monotonic() > deadline:
+            client.close()
+            raise TimeoutError(f"expert groups not all registered within {start_timeout_s}s")
+        time.sleep(0.2)
+    tr = GRPC if transport == "grpc" else DistTransport(opts.pop("call_timeout_s", 30.0)).transport()
+    if opts:
+        raise ValueError(f"unknown dispatcher option(s): {', '.join(sorted(opts))}")
+    return RemoteDispatcher(tr, client, ctx.placement, ctx.dtype, on_close=client.close)
+
+
 def _wait_registered(registry, actors, num_replicas: int, timeout_s: float) -> None:
     import ray
 

@@ -92,8 +92,10 @@ def _local(ctx: DispatchContext) -> Dispatcher:
 def _remote(transport: str) -> Callable[[DispatchContext], Dispatcher]:
     def factory(ctx: DispatchContext) -> Dispatcher:
         # Remote groups are Ray actors, started by the cluster layer; the router only knows this entry point.
-        from cluster.launch import launch_expert_groups
+        from cluster.launch import attach_expert_groups, launch_expert_groups
 
+        if "registry" in ctx.options:
+            return attach_expert_groups(ctx, transport)
         return launch_expert_groups(ctx, transport)
 
     return factory

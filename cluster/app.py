@@ -1,0 +1,194 @@
+"""The Serve application: `cluster.app:build_app` (for `serve run`, `serve deploy` and KubeRay serveConfigV2).
+
+Deployments (DESIGN §3):
+  Frontend          ingress: OpenAI HTTP (FastAPI, on Serve's HTTP proxy) + the gRPC Inference API
+                    (its own grpc.aio server, for Health, reflection and stream control; one replica)
+  Router            the dense half and continuous batching (AsyncEngine), `routers` replicas
+  ExpertGroup-<g>   the routed experts of group g (ExpertGroupReplica), one GPU per replica on GPU clusters
+  Registry          singleton: data-plane endpoints of expert replicas, long-polled by routers
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import serve
+
+from cluster.config import AppConfig, parse_config
+from cluster.registry import Registry
+from emoe.api import GenerateChunk, GenerateRequest, ModelInfo
+from emoe.placement import Placement
+from emoe.spec import ModelSpec
+from experts.deployment import ExpertGroupReplica
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "emoe"
+HIGH_CONCURRENCY = 100_000  # the engine does its own admission control
+
+
+class RouterServer:
+    """A router replica: loads the dense half, attaches to the expert groups, runs the AsyncEngine."""
+
+    def __init__(self, config: dict[str, Any], registry: Any = None, expert_groups: list | None = None):
+        from emoe.tokenizer import Tokenizer
+        from router import Engine
+        from router.async_engine import AsyncEngine, EngineConfig
+
+        cfg = parse_config(config)
+        if cfg.router_torch_threads:
+            torch.set_num_threads(cfg.router_torch_threads)
+        options = {} if cfg.transport == "local" else {"registry": registry}
+        engine = Engine.from_pretrained(
+            cfg.model, dtype=cfg.dtype, dispatcher=cfg.transport, num_groups=cfg.groups, **options
+        )
+        spec = engine.spec
+        max_context = min(cfg.max_context or spec.max_position_embeddings, cfg.kv_blocks * cfg.block_size)
+        self.info_ = ModelInfo(
+            name=cfg.served_name,
+            family=spec.family,
+            vocab_size=spec.vocab_size,
+            max_context=max_context,
+            max_tokens_limit=min(cfg.max_tokens_limit, max_context - 1),
+            eos_token_ids=spec.eos_token_ids,
+            num_groups=cfg.groups,
+            transport=cfg.transport,
+        )
+        econf = EngineConfig(
+            kv_blocks=cfg.kv_blocks,
+            block_size=cfg.block_size,
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_num_seqs=cfg.max_num_seqs,
+            max_queue=cfg.max_queue,
+            max_context=max_context,
+        )
+        self.engine = AsyncEngine(spec, engine.model, engine.dispatcher, econf, Tokenizer(cfg.model))
+        self._engine_ref = engine  # keeps the dispatcher's owner alive
+
+    async def generate(self, request: GenerateRequest):
+        async for chunk in self.engine.generate(request):
+            yield chunk
+
+    async def cancel(self, request_id: str) -> None:
+        await self.engine.cancel(request_id)
+
+    async def info(self) -> ModelInfo:
+        return self.info_
+
+    async def stats(self) -> dict:
+        return self.engine.stats()
+
+
+class RouterBackend:
+    """`InferenceBackend` over the Router deployment's handle (streaming calls, cancel by closing)."""
+
+    def __init__(self, router: Any, info: ModelInfo):
+        self.router, self._info = router, info
+        self._live: dict[str, Any] = {}
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    async def generate(self, request: GenerateRequest):
+        gen = self.router.options(stream=True).generate.remote(request)
+        self._live[request.request_id] = gen
+        try:
+            async for chunk in gen:
+                yield chunk
+        finally:
+            self._live.pop(request.request_id, None)
+
+    async def cancel(self, request_id: str) -> None:
+        gen = self._live.pop(request_id, None)
+        if gen is not None:
+            gen.cancel()
+
+
+@serve.ingress()
+class Frontend:
+    async def __init__(self, config: dict[str, Any], router: Any):
+        from cluster.grpc_api import InferenceServicer, start_grpc_server
+        from emoe.tokenizer import Tokenizer
+
+        self.cfg: AppConfig = parse_config(config)
+        self.tokenizer = Tokenizer(self.cfg.model)
+        self.router = router
+        info = await router.info.remote()
+        self.backend = RouterBackend(router, info)
+        tls = _read_tls(self.cfg)
+        token = self.cfg.api_token.get_secret_value() if self.cfg.api_token else None
+        self.grpc_server, self.grpc_port = await start_grpc_server(
+            InferenceServicer(self.backend, self.tokenizer),
+            self.cfg.host,
+            self.cfg.grpc_port,
+            tls_cert=tls[0],
+            tls_key=tls[1],
+            api_token=token,
+        )
+        log.info("gRPC Inference API on %s:%d", self.cfg.host, self.grpc_port)
+
+    def __serve_build_asgi_app__(self):
+        from cluster.http_api import build_http_app
+
+        token = self.cfg.api_token.get_secret_value() if self.cfg.api_token else None
+        return build_http_app(self.backend, self.tokenizer, model_name=self.cfg.served_name, api_token=token)
+
+    async def addresses(self) -> dict[str, Any]:
+        return {"grpc_port": self.grpc_port, "host": self.cfg.host}
+
+    async def router_stats(self) -> dict:
+        return await self.router.stats.remote()
+
+
+def _read_tls(cfg: AppConfig) -> tuple[bytes | None, bytes | None]:
+    if not cfg.tls_cert_file:
+        return None, None
+    return Path(cfg.tls_cert_file).read_bytes(), Path(cfg.tls_key_file).read_bytes()
+
+
+def _gpus_per_replica(cfg: AppConfig) -> float:
+    if cfg.gpus_per_expert_replica is not None:
+        return cfg.gpus_per_expert_replica
+    import ray
+
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Builds the application from AppConfig fields (a dict: Serve builder args, YAML or CLI flags)."""
+    cfg = parse_config(dict(args or {}))
+    cfg = cfg.model_copy(update={"model": str(Path(cfg.model).resolve())})
+    spec = ModelSpec.from_pretrained(cfg.model)
+    args = cfg.to_args()
+    registry = serve.deployment(Registry, name="Registry", num_replicas=1, max_ongoing_requests=HIGH_CONCURRENCY)
+    registry_app = registry.options(ray_actor_options={"num_cpus": 0}).bind()
+    groups = []
+    if cfg.transport != "local":
+        placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, cfg.groups)
+        gpus = _gpus_per_replica(cfg)
+        for g in range(cfg.groups):
+            dep = serve.deployment(
+                ExpertGroupReplica,
+                name=f"ExpertGroup-{g}",
+                num_replicas=cfg.replicas_per_group,
+                max_ongoing_requests=HIGH_CONCURRENCY,
+                ray_actor_options={"num_cpus": 0, "num_gpus": gpus},
+            )
+            groups.append(
+                dep.bind(cfg.model, g, placement.to_json(), cfg.dtype, registry_app, "127.0.0.1", cfg.expert_torch_threads)
+            )
+    router = serve.deployment(
+        RouterServer, name="Router", num_replicas=cfg.routers, max_ongoing_requests=HIGH_CONCURRENCY,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(args, registry_app, groups)
+    frontend = serve.deployment(
+        Frontend, name="Frontend", num_replicas=1, max_ongoing_requests=HIGH_CONCURRENCY,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return frontend.bind(args, router)
+
+
+__all__ = ["APP_NAME", "GenerateChunk", "build_app"]
