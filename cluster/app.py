@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "emoe"
 HIGH_CONCURRENCY = 100_000  # the engine does its own admission control
+GRACEFUL_SHUTDOWN_S = 5.0
 
 
 class RouterServer:
@@ -163,7 +164,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     cfg = cfg.model_copy(update={"model": str(Path(cfg.model).resolve())})
     spec = ModelSpec.from_pretrained(cfg.model)
     args = cfg.to_args()
-    registry = serve.deployment(Registry, name="Registry", num_replicas=1, max_ongoing_requests=HIGH_CONCURRENCY)
+    registry = serve.deployment(
+        Registry,
+        name="Registry",
+        num_replicas=1,
+        max_ongoing_requests=HIGH_CONCURRENCY,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+    )
     registry_app = registry.options(ray_actor_options={"num_cpus": 0}).bind()
     groups = []
     if cfg.transport != "local":
@@ -175,17 +182,34 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                 name=f"ExpertGroup-{g}",
                 num_replicas=cfg.replicas_per_group,
                 max_ongoing_requests=HIGH_CONCURRENCY,
+                graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
                 ray_actor_options={"num_cpus": 0, "num_gpus": gpus},
             )
             groups.append(
-                dep.bind(cfg.model, g, placement.to_json(), cfg.dtype, registry_app, "127.0.0.1", cfg.expert_torch_threads)
+                dep.bind(
+                    cfg.model,
+                    g,
+                    placement.to_json(),
+                    cfg.dtype,
+                    registry_app,
+                    "127.0.0.1",
+                    cfg.expert_torch_threads,
+                )
             )
     router = serve.deployment(
-        RouterServer, name="Router", num_replicas=cfg.routers, max_ongoing_requests=HIGH_CONCURRENCY,
+        RouterServer,
+        name="Router",
+        num_replicas=cfg.routers,
+        max_ongoing_requests=HIGH_CONCURRENCY,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         ray_actor_options={"num_cpus": 0},
     ).bind(args, registry_app, groups)
     frontend = serve.deployment(
-        Frontend, name="Frontend", num_replicas=1, max_ongoing_requests=HIGH_CONCURRENCY,
+        Frontend,
+        name="Frontend",
+        num_replicas=1,
+        max_ongoing_requests=HIGH_CONCURRENCY,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         ray_actor_options={"num_cpus": 0},
     )
     return frontend.bind(args, router)

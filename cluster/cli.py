@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="API token of that server")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("serve", help="serve the model on a local Ray cluster (gRPC + OpenAI HTTP)")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the demo model, created if missing)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory (default: the demo model, created if missing)"
+    )
     p.add_argument("--config", default=None, help="YAML file of AppConfig fields")
     p.add_argument("--groups", type=int, default=None)
     p.add_argument("--transport", default=None, choices=["grpc", "dist", "local"])

@@ -116,7 +116,7 @@ class ExpertGroupReplica:
     def shutdown(self) -> None:
         """Deregisters, then stops the servers (in-flight gRPC calls get a short grace period)."""
         if self._registry is not None:
-            call_in_thread(self._registry, "deregister", self.replica_id, timeout_s=10)
+            call_in_thread(self._registry, "deregister", self.replica_id, timeout_s=2)
             self._registry = None
         self.grpc.stop()
         self.dist.stop()

@@ -10,6 +10,7 @@ import torch
 
 from emoe.demo import demo_config, random_weights, write_checkpoint
 from emoe.spec import ModelSpec
+from tests.ray_fixture import ray_cluster  # noqa: F401 - session fixture
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,4 +1,7 @@
-"""One Ray instance for the whole test session: a simulated 2-node cluster, 2 logical GPUs per node."""
+"""One Ray instance for the whole test session: a simulated 2-node cluster, 2 logical GPUs per node.
+
+Imported by tests/conftest.py; started lazily by the first test that asks for `ray_cluster`.
+"""
 
 from __future__ import annotations
 

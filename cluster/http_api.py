@@ -1,0 +1,286 @@
+"""The Frontend's OpenAI-compatible HTTP API: a FastAPI app over an injected `InferenceBackend`.
+
+Endpoints: `GET /health` (always open), `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
+
+Contract:
+- Errors have OpenAI's shape `{"error": {"message", "type", "param", "code": null}}`. Statuses come from
+  `cluster.errors.classify` (InvalidRequest 400, Overloaded 429, Unauthenticated 401); body validation
+  errors (malformed JSON, wrong types, NaN / Infinity, missing fields) are 400 naming the field in `param`;
+  anything unexpected is a logged 500 with a generic message. No error stops the app. Exceptions: a body
+  over MAX_BODY_BYTES gets Starlette's plain-text 413; an error after a stream's headers went out is sent
+  as a final `data: {"error": ...}` event without `[DONE]`.
+- A `model` other than the served one is 400 `invalid_request_error` with param "model" (an omitted model
+  means the served one). Unsupported OpenAI features (n > 1, logprobs, echo, suffix, best_of, penalties,
+  logit_bias, tools, non-text response_format, batched prompts) are 400 naming the field, never ignored;
+  unknown fields are ignored.
+- With `api_token`, every path except `/health` needs `Authorization: Bearer <token>` (else 401).
+- A client that goes away, streaming or not, has its request cancelled at the backend
+  (`backend.cancel(request_id)`, shielded from the handler's own cancellation); finished ones are not.
+- Streams are SSE (`data: {json}\n\n` ... `data: [DONE]\n\n`); a chat stream's first chunk carries the
+  role; `finish_reason` is the backend's; `stream_options.include_usage` adds a final usage chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import inspect
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.errors import Unauthenticated, classify
+from cluster.http_stream import (
+    ClientGone,
+    EventStream,
+    collect,
+    release_backend,
+    sse_events,
+    unless_disconnected,
+)
+from cluster.openai_schema import (
+    ChatBody,
+    CompletionBody,
+    Reply,
+    RequestBody,
+    completion_prompt,
+    invalid_detail,
+    stop_strings,
+)
+from emoe.api import (
+    GenerateRequest,
+    InferenceBackend,
+    InvalidRequest,
+    SamplingParams,
+    validate_budget,
+    validate_prompt,
+)
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+def build_http_app(
+    backend: InferenceBackend,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    api_token: str | None = None,
+    default_max_tokens: int = 16,
+    default_temperature: float = 1.0,
+) -> FastAPI:
+    """The OpenAI-compatible app (see the module docstring). `tokenizer` needs `encode` and
+    `apply_chat_template`. `default_max_tokens` applies when a request gives none, lowered to fit the
+    model's `max_tokens_limit` and the context left after the prompt; `default_temperature` (OpenAI's 1.0)
+    when it gives no temperature. `api_token=""` is refused (it would look set but guard nothing)."""
+    if api_token is not None and not api_token:
+        raise ValueError("api_token must be a non-empty string or None")
+    api = _Api(backend, tokenizer, model_name, default_max_tokens, default_temperature)
+    app = FastAPI(title="elastic-moe", max_body_size=MAX_BODY_BYTES)
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_error)
+    if api_token:
+        app.add_middleware(_BearerAuth, token=api_token)
+    return app
+
+
+async def _health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@dataclass
+class _Api:
+    backend: InferenceBackend
+    tokenizer: Any
+    model_name: str
+    default_max_tokens: int
+    default_temperature: float
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    async def models(self) -> Response:
+        try:
+            info = self.backend.info()
+        except Exception as exc:
+            return _error_response(exc)
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "elastic-moe"}
+        return JSONResponse({"object": "list", "data": [card | {"max_model_len": info.max_context}]})
+
+    async def completions(self, body: CompletionBody, request: Request) -> Response:
+        return await self._serve(body, request, Reply(False, f"cmpl-{uuid.uuid4().hex}", self.model_name))
+
+    async def chat(self, body: ChatBody, request: Request) -> Response:
+        return await self._serve(body, request, Reply(True, f"chatcmpl-{uuid.uuid4().hex}", self.model_name))
+
+    async def _serve(self, body: RequestBody, request: Request, reply: Reply) -> Response:
+        try:
+            gen = await asyncio.to_thread(self._to_request, body, reply)  # tokenizing may take a while
+            chunks = self.backend.generate(gen)
+            chunks = await chunks if inspect.isawaitable(chunks) else chunks
+        except Exception as exc:
+            return _error_response(exc)
+        try:
+            first = await unless_disconnected(request, anext(chunks, None))
+        except BaseException as exc:
+            await release_backend(self.backend, reply.request_id, chunks, finished=False)
+            if not isinstance(exc, Exception):
+                raise
+            return (
+                Response(status_code=499)
+                if isinstance(exc, ClientGone)
+                else _error_response(exc, reply.request_id)
+            )
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            events = sse_events(
+                reply, first, chunks, usage, lambda exc: _error_body(exc, reply.request_id)[1]
+            )
+            release = functools.partial(release_backend, self.backend, reply.request_id, chunks)
+            return EventStream(events, reply, release)
+        return await self._whole(request, reply, first, chunks)
+
+    async def _whole(self, request: Request, reply: Reply, first, chunks) -> Response:
+        finished = False
+        try:
+            text, last, count = await unless_disconnected(request, collect(first, chunks))
+            finished = True
+            return JSONResponse(reply.whole(text, last, count))
+        except ClientGone:
+            return Response(status_code=499)
+        except Exception as exc:
+            return _error_response(exc, reply.request_id)
+        finally:
+            await release_backend(self.backend, reply.request_id, chunks, finished)
+
+    def _to_request(self, body: RequestBody, reply: Reply) -> GenerateRequest:
+        """Checks `body` and builds the backend request; raises InvalidRequest naming the OpenAI field."""
+        if body.model is not None and body.model != self.model_name:
+            raise InvalidRequest(
+                "model", f"{body.model[:200]!r} is not served here (serving {self.model_name!r})"
+            )
+        bad = body.unsupported()
+        if bad:
+            raise InvalidRequest(bad, "not supported by this server; leave it at its default")
+        info = self.backend.info()
+        if isinstance(body, ChatBody):
+            ids, text = self._chat_prompt(body, info)
+        else:
+            ids, text = completion_prompt(body.prompt, info, self.tokenizer)
+        reply.prompt_len = len(ids)
+        max_tokens = body.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = min(
+                self.default_max_tokens, info.max_tokens_limit, max(1, info.max_context - len(ids))
+            )
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.default_temperature if body.temperature is None else body.temperature,
+            top_k=0 if body.top_k in (None, -1) else body.top_k,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=stop_strings(body.stop),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+        )
+        validate_budget(info, len(ids), sampling)
+        return GenerateRequest(reply.request_id, tuple(ids), sampling, prompt_text=text)
+
+    def _chat_prompt(self, body: ChatBody, info) -> tuple[list[int], str]:
+        import jinja2
+
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return validate_prompt(info, text, None, self.tokenizer.encode), text
+        except jinja2.TemplateError as exc:
+            raise InvalidRequest("messages", f"the chat template failed: {exc}") from exc
+        except InvalidRequest as exc:
+            raise InvalidRequest("messages", invalid_detail(exc)) from exc
+
+
+def _error_json(status: int, kind: str, message: str, param: str | None = None) -> tuple[int, dict]:
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _error_body(exc: BaseException, request_id: str = "") -> tuple[int, dict]:
+    """(HTTP status, OpenAI error JSON) for `exc`; unexpected errors are logged, their text never sent."""
+    _, status, kind = classify(exc)
+    if isinstance(exc, InvalidRequest):
+        param = exc.field.removeprefix("sampling.")
+        return _error_json(status, kind, f"{param}: {invalid_detail(exc)}", param)
+    if status == 500:
+        log.error("request %r failed", request_id, exc_info=exc)
+        return _error_json(500, kind, "internal server error; see the server log")
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return _error_json(status, kind, message or kind)
+
+
+def _error_response(exc: BaseException, request_id: str = "") -> JSONResponse:
+    status, body = _error_body(exc, request_id)
+    headers = (
+        {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status == 429 else None
+    )
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _on_error(request: Request, exc: Exception) -> JSONResponse:
+    return _error_response(exc)
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    status, body = _error_json(exc.status_code, kind, str(exc.detail))
+    return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """400 naming the first bad field: `param` is its dotted path (e.g. "messages.0.content")."""
+    errors = list(exc.errors())
+    if not errors or errors[0].get("type") == "json_invalid":
+        why = errors[0].get("ctx", {}).get("error", "") if errors else ""
+        status, body = _error_json(400, "invalid_request_error", f"malformed JSON body: {why}")
+        return JSONResponse(body, status_code=status)
+    paths = [".".join(str(p) for p in e.get("loc", ())[1:]) for e in errors]
+    message = "; ".join(
+        f"{path or 'body'}: {e.get('msg', 'invalid')}" for path, e in zip(paths[:5], errors[:5], strict=True)
+    )
+    if not paths[0]:
+        message += " (send a JSON object with Content-Type: application/json)"
+    status, body = _error_json(400, "invalid_request_error", message, paths[0] or None)
+    return JSONResponse(body, status_code=status)
+
+
+class _BearerAuth:
+    """ASGI middleware: every HTTP path but /health needs `Authorization: Bearer <token>`, else 401."""
+
+    def __init__(self, app, token: str):
+        self.app, self._token = app, token.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and not self._open(scope) and not self._authorized(scope):
+            error = Unauthenticated("missing or invalid bearer token (Authorization: Bearer <token>)")
+            await _error_response(error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _open(scope) -> bool:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        return (path[len(root) :] if root and path.startswith(root) else path) == "/health"
+
+    def _authorized(self, scope) -> bool:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._token)

@@ -1,0 +1,116 @@
+"""Streaming for the HTTP API: reading the backend stream, the SSE body and response, and what happens
+when the client goes away (the request is cancelled at the backend, shielded from the handler's own
+cancellation; a finished one is not)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from cluster.openai_schema import Reply
+from emoe.api import GenerateChunk
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def collect(first: GenerateChunk | None, chunks) -> tuple[str, GenerateChunk | None, int]:
+    """(whole text, last chunk, tokens counted) of a stream whose first chunk was already read."""
+    parts, last, count, chunk = [], first, 0, first
+    while chunk is not None:
+        parts.append(chunk.text)
+        count, last = count + len(chunk.token_ids), chunk
+        chunk = await anext(chunks, None)
+    return "".join(parts), last, count
+
+
+async def sse_events(
+    reply: Reply, first, chunks, include_usage: bool, error_event: Callable[[Exception], dict]
+) -> AsyncIterator[str]:
+    """The SSE body; sets `reply.finished` once the backend stream ended. A backend error after the
+    headers went out becomes the event `error_event(exc)`."""
+    last, count, chunk = first, 0, first
+    try:
+        if reply.chat:
+            yield sse(reply.chunk("", None, role=True))
+        while chunk is not None:
+            count, last = count + len(chunk.token_ids), chunk
+            if chunk.text or chunk.finish_reason:
+                yield sse(reply.chunk(chunk.text, chunk.finish_reason))
+            chunk = await anext(chunks, None)
+        reply.finished = True
+        if include_usage:
+            yield sse(reply.usage_chunk(last, count))
+        yield "data: [DONE]\n\n"
+    except Exception as exc:
+        yield sse(error_event(exc))
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """SSE response that, however it ends (done, client gone, send failed), closes its event iterator and
+    then calls `release(reply.finished)`, which cancels the backend request unless it had finished."""
+
+    def __init__(self, events: AsyncIterator[str], reply: Reply, release: Callable[[bool], Awaitable[None]]):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self._reply, self._release = reply, release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self._release(self._reply.finished)
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the response was ready."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`await work`, unless the client disconnects first: then `work` is cancelled and ClientGone raised."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def release_backend(backend, request_id: str, chunks, finished: bool) -> None:
+    """Closes the backend stream and, unless it finished, cancels the request. Never raises; shielded."""
+    with anyio.CancelScope(shield=True):
+        if not finished:
+            try:
+                await backend.cancel(request_id)
+            except Exception as exc:
+                log.debug("cancel of %s: %r", request_id, exc)
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception as exc:
+                log.debug("closing the stream of %s: %r", request_id, exc)

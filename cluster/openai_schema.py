@@ -1,0 +1,179 @@
+"""The OpenAI wire format the HTTP API speaks: request bodies, prompt / stop parsing, and the reply objects.
+
+Request bodies ignore unknown fields and reject NaN / Infinity. Unsupported OpenAI features are listed per
+body in `NEUTRAL` (field -> the values that ask for nothing); `RequestBody.unsupported` names the first
+field asking for more, which the app turns into a 400.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from emoe.api import GenerateChunk, InvalidRequest, validate_prompt
+
+MAX_STOP_STRINGS = 16
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+class RequestBody(BaseModel):
+    """Fields both endpoints share. Unknown fields are ignored; NaN / Infinity are rejected."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model: str | None = None
+    max_tokens: StrictInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: StrictInt | None = None  # extension; -1 means off (as in vLLM)
+    seed: StrictInt | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: Any = None  # str | list[str], checked by stop_strings
+    stop_token_ids: list[StrictInt] | None = None  # extension
+    ignore_eos: bool = False  # extension
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: StrictInt | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    # OpenAI features this server does not do: field -> the values that ask for nothing (else 400)
+    NEUTRAL: ClassVar[dict[str, tuple]] = {
+        "n": (None, 1),
+        "presence_penalty": (None, 0),
+        "frequency_penalty": (None, 0),
+        "logit_bias": (None, {}),
+    }
+
+    def unsupported(self) -> str | None:
+        """The first field that asks for an unsupported feature, if any."""
+        return next((name for name, ok in self.NEUTRAL.items() if getattr(self, name) not in ok), None)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionBody(RequestBody):
+    prompt: Any = None  # str | list[int], or a batch of exactly one of those
+    logprobs: StrictInt | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: StrictInt | None = None
+    NEUTRAL = {
+        **RequestBody.NEUTRAL,
+        "logprobs": (None,),
+        "echo": (None, False),
+        "suffix": (None, ""),
+        "best_of": (None, 1),
+    }
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, value: Any) -> Any:
+        """OpenAI's list-of-parts content: text parts are joined; any other part is an error."""
+        if not isinstance(value, list):
+            return value
+        if not all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+        ):
+            raise ValueError("only text content parts are supported")
+        return "".join(p["text"] for p in value)
+
+
+class ChatBody(RequestBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    logprobs: bool | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    NEUTRAL = {
+        **RequestBody.NEUTRAL,
+        "logprobs": (None, False),
+        "top_logprobs": (None,),
+        "tools": (None, []),
+        "response_format": (None, {"type": "text"}),
+    }
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
+
+def completion_prompt(prompt: Any, info, tokenizer) -> tuple[list[int], str]:
+    """A string or a list of token ids (a batch of one of either is unwrapped) -> (ids, prompt text)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if prompt is None or isinstance(prompt, str):
+        return validate_prompt(info, prompt, None, tokenizer.encode), prompt or ""
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        try:
+            return validate_prompt(info, None, prompt, tokenizer.encode), ""
+        except InvalidRequest as exc:
+            raise InvalidRequest("prompt", invalid_detail(exc)) from exc
+    raise InvalidRequest(
+        "prompt", "must be a string or a list of token ids (batched prompts are not supported)"
+    )
+
+
+def stop_strings(stop: Any) -> tuple[str, ...]:
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise InvalidRequest("stop", "must be a string or a list of strings")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    return tuple(stops)
+
+
+def invalid_detail(exc: InvalidRequest) -> str:
+    """An InvalidRequest's message without its `field: ` prefix."""
+    return str(exc).removeprefix(f"{exc.field}: ")
+
+
+@dataclass
+class Reply:
+    """One response's identity and its OpenAI JSON objects."""
+
+    chat: bool
+    request_id: str
+    model: str
+    prompt_len: int = 0
+    finished: bool = False  # the backend stream ended; nothing to cancel
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _envelope(self, kind: str, choices: list[dict], **extra: Any) -> dict:
+        head = {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
+        return {**head, "choices": choices, **extra}
+
+    def chunk(self, text: str, finish: str | None, *, role: bool = False) -> dict:
+        if not self.chat:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return self._envelope("text_completion", [choice])
+        delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return self._envelope("chat.completion.chunk", [choice])
+
+    def usage(self, last: GenerateChunk | None, count: int) -> dict:
+        prompt = (last.prompt_tokens if last else 0) or self.prompt_len
+        completion = (last.completion_tokens if last else 0) or count
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def usage_chunk(self, last: GenerateChunk | None, count: int) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._envelope(kind, [], usage=self.usage(last, count))
+
+    def whole(self, text: str, last: GenerateChunk | None, count: int) -> dict:
+        finish = last.finish_reason if last else None
+        if not self.chat:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return self._envelope("text_completion", [choice], usage=self.usage(last, count))
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return self._envelope("chat.completion", [choice], usage=self.usage(last, count))
