@@ -61,13 +61,15 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
         ray.remote(Registry).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1).remote()
     )
     actor_cls = ray.remote(ExpertGroupReplica)
+    n = ctx.placement.num_groups * replicas
+    strategies = _spread_over_nodes(n, num_gpus) if spread == "spread" else ["DEFAULT"] * n
     actors = [
         actor_cls.options(
             num_gpus=num_gpus,
             num_cpus=0,
             max_restarts=-1,
             max_task_retries=0,
-            scheduling_strategy="SPREAD" if spread == "spread" else "DEFAULT",
+            scheduling_strategy=strategies[g * replicas + r],
         ).remote(
             str(ctx.path),
             g,
@@ -78,7 +80,7 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
             torch_threads,
         )
         for g in range(ctx.placement.num_groups)
-        for _ in range(replicas)
+        for r in range(replicas)
     ]
     _wait_registered(registry, actors, len(actors), start_timeout_s)
     client = RegistryClient(registry)
@@ -99,6 +101,21 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
     dispatcher = RemoteDispatcher(tr, client, ctx.placement, ctx.dtype, on_close=shutdown)
     dispatcher.actors, dispatcher.registry, dispatcher.registry_name = actors, registry, name
     return dispatcher
+
+
+def _spread_over_nodes(n: int, num_gpus: float) -> list:
+    """Replica i pinned to node i mod N (nodes with GPUs, if replicas need them): an even, deterministic spread."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(
+        node["NodeID"]
+        for node in ray.nodes()
+        if node["Alive"] and (num_gpus == 0 or node["Resources"].get("GPU", 0) >= num_gpus)
+    )
+    if not nodes:
+        raise RuntimeError("no alive node can host an expert replica")
+    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False) for i in range(n)]
 
 
 def attach_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatcher:
