@@ -44,7 +44,8 @@ def serve_main(args: argparse.Namespace) -> int:
     from cluster.app import APP_NAME, build_app
 
     started_ray = not ray.is_initialized() and args.address is None
-    ray.init(address=args.address, include_dashboard=False, namespace="emoe", log_to_driver=False)
+    # "local": always a new cluster of our own, never one that happens to run on this machine
+    ray.init(address=args.address or "local", include_dashboard=False, namespace="emoe", log_to_driver=False)
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())
     try:
