@@ -1,0 +1,35 @@
+import pytest
+
+from cluster.app import build_app  # noqa: F401 - the import path Serve and KubeRay use must import
+from cluster.config import ConfigError, load_config, parse_config
+
+
+def test_defaults_and_yaml_with_flag_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("groups: 4\ntransport: dist\nmax_queue: 10\napi_token: s3cret\n")
+    cfg = load_config(f, groups=3, http_port=None)
+    assert (cfg.groups, cfg.transport, cfg.max_queue, cfg.http_port) == (3, "dist", 10, 8000)
+    assert "s3cret" not in repr(cfg) and cfg.to_args()["api_token"] == "s3cret"
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"groups": 0}, "groups"),
+        ({"transport": "carrier-pigeon"}, "transport"),
+        ({"grpc_port": 70000}, "grpc_port"),
+        ({"dtype": "int4"}, "dtype"),
+        ({"gruops": 2}, "gruops"),
+        ({"tls_cert_file": "a.pem"}, "tls_cert_file"),
+    ],
+)
+def test_invalid_values_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_config(data)
+
+
+def test_unreadable_yaml(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(f)
