@@ -158,6 +158,42 @@ def _gpus_per_replica(cfg: AppConfig) -> float:
     return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
+def _replica_env(cfg: AppConfig) -> dict[str, Any]:
+    return {
+        "env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(cfg.metrics_push_interval_s)}
+    }
+
+
+def _scaling(cfg: AppConfig) -> dict[str, Any]:
+    """num_replicas, or an autoscaling_config with our policy (delays applied by the policy, not Serve)."""
+    if not cfg.autoscaling:
+        return {"num_replicas": cfg.replicas_per_group}
+    policy_kwargs = {
+        "target_tokens_per_s": cfg.target_tokens_per_s,
+        "min_replicas": cfg.min_replicas_per_group,
+        "max_replicas": cfg.max_replicas_per_group,
+        "gpu_budget": cfg.gpu_budget,
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+    }
+    return {
+        "autoscaling_config": {
+            "min_replicas": cfg.min_replicas_per_group,
+            "max_replicas": cfg.max_replicas_per_group,
+            "initial_replicas": max(
+                cfg.min_replicas_per_group, min(cfg.replicas_per_group, cfg.max_replicas_per_group)
+            ),
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 0,
+            "look_back_period_s": max(2 * cfg.metrics_push_interval_s, 1.0),
+            "policy": {
+                "policy_function": "cluster.autoscale:ExpertGroupPolicy",
+                "policy_kwargs": policy_kwargs,
+            },
+        }
+    }
+
+
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """Builds the application from AppConfig fields (a dict: Serve builder args, YAML or CLI flags)."""
     cfg = parse_config(dict(args or {}))
@@ -171,19 +207,19 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         max_ongoing_requests=HIGH_CONCURRENCY,
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
     )
-    registry_app = registry.options(ray_actor_options={"num_cpus": 0}).bind()
+    placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, cfg.groups)
+    registry_app = registry.options(ray_actor_options={"num_cpus": 0}).bind(placement.to_json())
     groups = []
     if cfg.transport != "local":
-        placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, cfg.groups)
         gpus = _gpus_per_replica(cfg)
         for g in range(cfg.groups):
             dep = serve.deployment(
                 ExpertGroupReplica,
                 name=f"ExpertGroup-{g}",
-                num_replicas=cfg.replicas_per_group,
                 max_ongoing_requests=HIGH_CONCURRENCY,
                 graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
-                ray_actor_options={"num_cpus": 0, "num_gpus": gpus},
+                ray_actor_options={"num_cpus": 0, "num_gpus": gpus, "runtime_env": _replica_env(cfg)},
+                **_scaling(cfg),
             )
             groups.append(
                 dep.bind(

@@ -45,13 +45,27 @@ class AppConfig(BaseModel):
     admin_token: SecretStr | None = Field(None, description="token required by admin actions")
     tls_cert_file: str | None = Field(None, description="PEM certificate for the gRPC API")
     tls_key_file: str | None = Field(None, description="PEM private key for the gRPC API")
+    autoscaling: bool = Field(
+        False, description="scale expert groups by routed tokens/s (cluster/autoscale.py)"
+    )
+    min_replicas_per_group: int = Field(1, ge=1)
+    max_replicas_per_group: int = Field(4, ge=1)
+    target_tokens_per_s: float = Field(
+        200.0, gt=0, description="routed tokens/s one expert replica should take"
+    )
+    gpu_budget: int | None = Field(None, ge=1, description="expert replicas of all groups together")
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(20.0, ge=0)
+    metrics_push_interval_s: float = Field(1.0, gt=0, description="how often replicas report load to Serve")
     router_torch_threads: int = Field(0, ge=0, description="torch threads in a router (0: torch default)")
     expert_torch_threads: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> AppConfig:
+    def _consistent(self) -> AppConfig:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.min_replicas_per_group > self.max_replicas_per_group:
+            raise ValueError("min_replicas_per_group must be <= max_replicas_per_group")
         return self
 
     @property

@@ -13,18 +13,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 from emoe.handles import call, call_in_thread
+from emoe.placement import Placement
 
 log = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self):
+    def __init__(self, placement_json: str | None = None, load_ttl_s: float = 10.0):
         self.version = 0
         self.entries: dict[str, dict[str, Any]] = {}  # replica_id -> info
         self._changed = asyncio.Event()
+        self.placement = Placement.from_json(placement_json) if placement_json else None
+        self.router_loads: dict[str, tuple[float, dict[int, list[float]]]] = {}  # router -> (time, loads)
+        self.load_ttl_s = load_ttl_s
+
+    async def set_placement(self, placement_json: str) -> None:
+        self.placement = Placement.from_json(placement_json)
+
+    async def publish_load(self, router_id: str, loads: dict[int, list[float]]) -> None:
+        """A router's tokens/s per (layer, expert) over its window: {layer: [tokens/s of expert e]}."""
+        self.router_loads[router_id] = (time.monotonic(), {int(k): v for k, v in loads.items()})
+
+    async def load_report(self) -> dict[str, Any]:
+        """Expert loads summed over live routers, group loads under the current placement, imbalance."""
+        now = time.monotonic()
+        experts: dict[int, list[float]] = {}
+        for t, loads in self.router_loads.values():
+            if now - t > self.load_ttl_s:
+                continue
+            for layer, row in loads.items():
+                acc = experts.setdefault(layer, [0.0] * len(row))
+                experts[layer] = [a + b for a, b in zip(acc, row, strict=True)]
+        groups = group_loads(self.placement, experts) if self.placement else {}
+        return {"expert_loads": experts, "group_loads": groups, "imbalance": imbalance(groups)}
 
     def _bump(self) -> None:
         self.version += 1
@@ -65,6 +90,28 @@ class Registry:
             except asyncio.TimeoutError:
                 pass
         return await self.snapshot()
+
+
+def group_loads(placement: Placement, experts: dict[int, list[float]]) -> dict[int, float]:
+    """tokens/s per group: each expert's load split evenly over the groups holding a copy of it."""
+    out = {g: 0.0 for g in range(placement.num_groups)}
+    for layer, row in experts.items():
+        holders: dict[int, list[int]] = {}
+        for g, held in enumerate(placement.groups):
+            for e in held.get(layer, ()):
+                holders.setdefault(e, []).append(g)
+        for e, load in enumerate(row):
+            for g in holders.get(e, []):
+                out[g] += load / len(holders[e])
+    return out
+
+
+def imbalance(loads: dict[int, float]) -> float:
+    """max / mean group load (1.0 = balanced; 0 when idle)."""
+    if not loads:
+        return 0.0
+    mean = sum(loads.values()) / len(loads)
+    return max(loads.values()) / mean if mean > 0 else 0.0
 
 
 async def _answers(info: dict[str, Any], timeout_s: float) -> bool:
@@ -118,6 +165,9 @@ class RegistryClient:
 
     def report_unreachable(self, replica_id: str) -> None:
         self._registry.report_unreachable.remote(replica_id)
+
+    def publish_load(self, router_id: str, loads: dict[int, list[float]]) -> None:
+        self._registry.publish_load.remote(router_id, loads)
 
     def close(self) -> None:
         self._stop.set()

@@ -90,7 +90,7 @@ def random_weights(
         elif name.endswith("e_score_correction_bias"):
             t = 0.05 * torch.randn(shape, generator=gen)
             if hot_experts:
-                t[list(hot_experts)] += 1.0
+                t[list(hot_experts)] += 2.0  # above any unbiased sigmoid score: always chosen
         elif name.endswith(".gate.weight"):  # the router: large enough that routing depends on the token
             t = torch.randn(shape, generator=gen) * (4.0 / shape[-1] ** 0.5)
         elif name == "model.embed_tokens.weight":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from emoe.checkpoint import Checkpoint
-from emoe.handles import call_in_thread
+from emoe.handles import call, call_in_thread
 from emoe.placement import Placement
 from emoe.spec import ModelSpec
 from experts.dist_server import DistExpertServer
@@ -98,8 +99,11 @@ class ExpertGroupReplica:
             pid=os.getpid(),
         )
         self._registry = registry
+        self.group_loads: dict[int, float] = {}
+        self._stop = threading.Event()
         if registry is not None:
             call_in_thread(registry, "register", asdict(self.info))
+            threading.Thread(target=self._poll_loads, name="emoe-loads", daemon=True).start()
         log.info(
             "expert group %d replica %s ready in %.2fs", group, self.replica_id, time.perf_counter() - t0
         )
@@ -113,11 +117,33 @@ class ExpertGroupReplica:
     def stats(self) -> dict:
         return {"tokens": self.core.tokens_served, "calls": self.core.calls_served}
 
-    def shutdown(self) -> None:
-        """Deregisters, then stops the servers (in-flight gRPC calls get a short grace period)."""
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve custom autoscaling metrics: this replica's routed tokens/s and busy fraction, plus the
+        registry's view of every group's load (so each group's policy sees the whole cluster)."""
+        out = {
+            "routed_tokens_per_s": self.core.meter.rate(),
+            "busy_fraction": self.core.meter.busy_fraction(),
+        }
+        out.update({f"group_load_{g}": v for g, v in self.group_loads.items()})
+        return out
+
+    def _poll_loads(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                report = call(self._registry, "load_report", timeout_s=5)
+                self.group_loads = {int(g): float(v) for g, v in report["group_loads"].items()}
+            except Exception as e:  # noqa: BLE001 - registry restarting or gone: keep the last view
+                log.debug("load report: %s", e)
+
+    def shutdown(self, drain_s: float = 1.0) -> None:
+        """Drains, in steps: 1. deregister (routers stop picking this replica at their next call);
+        2. wait `drain_s` for calls already sent; 3. stop the servers (gRPC gives in-flight calls a grace
+        period). A call that still arrives fails over to another replica on the router side."""
+        self._stop.set()
         if self._registry is not None:
             call_in_thread(self._registry, "deregister", self.replica_id, timeout_s=2)
             self._registry = None
+            time.sleep(drain_s)
         self.grpc.stop()
         self.dist.stop()
 

@@ -6,10 +6,12 @@ happens here, before any compute, so a malformed request is refused without harm
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
+from emoe.load import RateMeter
 from experts.store import ExpertStore
 
 
@@ -37,6 +39,7 @@ class ExpertGroupCore:
         self.hidden_size, self.device, self.limits = hidden_size, device, limits
         self.tokens_served = 0
         self.calls_served = 0
+        self.meter = RateMeter(window_s=5.0)
 
     def check(self, layer: int, version: int, n: int, k: int, hidden: int) -> None:
         """Header-level checks (before any payload is allocated)."""
@@ -81,9 +84,11 @@ class ExpertGroupCore:
             raise ValueError(f"local_ids: ids must be in [-1, {slots}) for layer {layer}")
         if n and not torch.isfinite(weights).all():
             raise ValueError("weights: not all finite")
+        t0 = time.perf_counter()
         out = self.store.forward(
             layer, hidden.to(self.device), local_ids.to(self.device, torch.long), weights.to(self.device)
         )
         self.tokens_served += n
         self.calls_served += 1
+        self.meter.record(n, time.perf_counter() - t0)
         return out.to(hidden.dtype)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from emoe.load import ExpertLoad
 from emoe.placement import Placement
 from router.dispatch import split_by_group
 
@@ -31,6 +33,8 @@ class EndpointSource(Protocol):
     def snapshot(self) -> tuple[int, list[dict[str, Any]]]: ...
 
     def report_unreachable(self, replica_id: str) -> None: ...
+
+    def publish_load(self, router_id: str, loads: dict[int, list[float]]) -> None: ...
 
 
 class DispatchError(RuntimeError):
@@ -132,12 +136,17 @@ class RemoteDispatcher:
         self.call_timeout_s, self.replacement_wait_s = call_timeout_s, replacement_wait_s
         self.stats = DispatchStats()
         self._on_close = on_close
+        self.router_id = uuid.uuid4().hex[:12]
+        self.expert_load = ExpertLoad(placement.layers, placement.num_experts)
+        self.publish_every_s = 1.0
+        self._last_publish = 0.0
         # set by whoever started the replicas (cluster.launch), for tests and operators
         self.actors: list[Any] = []
         self.registry: Any = None
         self.registry_name = ""
 
     async def forward(self, layer, hidden, topk_ids, topk_weights):
+        self._count(layer, topk_ids)
         out = torch.zeros_like(hidden)  # [T, H]
         parts = split_by_group(self.placement, layer, topk_ids)
         x = hidden.to(self.wire_dtype)
@@ -171,6 +180,16 @@ class RemoteDispatcher:
                 self.stats.failovers += 1
             finally:
                 replica.outstanding -= n
+
+    def _count(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Routed tokens per (layer, expert) over a sliding window, published to the registry each second."""
+        self.expert_load.record(layer, topk_ids)
+        now = time.monotonic()
+        if now - self._last_publish >= self.publish_every_s and hasattr(self.pool.source, "publish_load"):
+            self._last_publish = now
+            rates = self.expert_load.rates()
+            loads = {layer: rates[i].tolist() for i, layer in enumerate(self.expert_load.layers)}
+            self.pool.source.publish_load(self.router_id, loads)
 
     def _drop(self, replica: Replica) -> None:
         if replica.conn is not None:
