@@ -10,6 +10,7 @@ Deployments (DESIGN §3):
 
 from __future__ import annotations
 
+import hmac
 import logging
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,15 @@ class RouterServer:
         return self.info_
 
     async def stats(self) -> dict:
-        return self.engine.stats()
+        out = self.engine.stats()
+        d = self.engine.dispatcher
+        if hasattr(d, "stats"):  # remote: tokens actually sent to each group, failovers, placement in use
+            out.update(
+                tokens_per_group=dict(d.stats.tokens_per_group),
+                failovers=d.stats.failovers,
+                placement_version=d.placement.version,
+            )
+        return out
 
 
 class RouterBackend:
@@ -110,13 +119,13 @@ class RouterBackend:
 
 @serve.ingress()
 class Frontend:
-    async def __init__(self, config: dict[str, Any], router: Any):
+    async def __init__(self, config: dict[str, Any], router: Any, registry: Any = None):
         from cluster.grpc_api import InferenceServicer, start_grpc_server
         from emoe.tokenizer import Tokenizer
 
         self.cfg: AppConfig = parse_config(config)
         self.tokenizer = Tokenizer(self.cfg.model)
-        self.router = router
+        self.router, self.registry = router, registry
         info = await router.info.remote()
         self.backend = RouterBackend(router, info)
         tls = _read_tls(self.cfg)
@@ -142,6 +151,21 @@ class Frontend:
 
     async def router_stats(self) -> dict:
         return await self.router.stats.remote()
+
+    async def load_report(self) -> dict:
+        return await self.registry.load_report.remote()
+
+    async def placement_state(self) -> dict:
+        return await self.registry.placement_state.remote()
+
+    async def admin_replace(self, admin_token: str | None = None) -> dict:
+        """Admin action: re-place hot experts now (requires the admin token when one is configured)."""
+        from cluster.errors import Unauthenticated
+
+        want = self.cfg.admin_token.get_secret_value() if self.cfg.admin_token else None
+        if want is not None and not hmac.compare_digest((admin_token or "").encode(), want.encode()):
+            raise Unauthenticated("admin token missing or wrong")
+        return await self.registry.replace.remote()
 
 
 def _read_tls(cfg: AppConfig) -> tuple[bytes | None, bytes | None]:
@@ -208,7 +232,11 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
     )
     placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, cfg.groups)
-    registry_app = registry.options(ray_actor_options={"num_cpus": 0}).bind(placement.to_json())
+    registry_app = registry.options(ray_actor_options={"num_cpus": 0}).bind(
+        placement.to_json(),
+        replace_threshold=cfg.replace_imbalance_threshold,
+        replace_after_s=cfg.replace_after_s,
+    )
     groups = []
     if cfg.transport != "local":
         gpus = _gpus_per_replica(cfg)
@@ -248,7 +276,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         ray_actor_options={"num_cpus": 0},
     )
-    return frontend.bind(args, router)
+    return frontend.bind(args, router, registry_app)
 
 
 __all__ = ["APP_NAME", "GenerateChunk", "build_app"]

@@ -57,6 +57,10 @@ class AppConfig(BaseModel):
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(20.0, ge=0)
     metrics_push_interval_s: float = Field(1.0, gt=0, description="how often replicas report load to Serve")
+    replace_imbalance_threshold: float | None = Field(
+        None, gt=1, description="re-place hot experts when max/mean group load stays above this (None: off)"
+    )
+    replace_after_s: float = Field(10.0, ge=0, description="how long the imbalance must last first")
     router_torch_threads: int = Field(0, ge=0, description="torch threads in a router (0: torch default)")
     expert_torch_threads: int = Field(1, ge=1)
 

@@ -18,13 +18,25 @@ from typing import Any
 
 from emoe.handles import call, call_in_thread
 from emoe.placement import Placement
+from emoe.replace import plan, predicted_group_loads
 
 log = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self, placement_json: str | None = None, load_ttl_s: float = 10.0):
+    def __init__(
+        self,
+        placement_json: str | None = None,
+        load_ttl_s: float = 10.0,
+        replace_threshold: float | None = None,
+        replace_after_s: float = 10.0,
+    ):
         self.version = 0
+        self.pending: Placement | None = None
+        self.replace_threshold, self.replace_after_s = replace_threshold, replace_after_s
+        self._imbalanced_since: float | None = None
+        self._watch: asyncio.Task | None = None
+        self.replacements: list[dict[str, Any]] = []
         self.entries: dict[str, dict[str, Any]] = {}  # replica_id -> info
         self._changed = asyncio.Event()
         self.placement = Placement.from_json(placement_json) if placement_json else None
@@ -37,6 +49,8 @@ class Registry:
     async def publish_load(self, router_id: str, loads: dict[int, list[float]]) -> None:
         """A router's tokens/s per (layer, expert) over its window: {layer: [tokens/s of expert e]}."""
         self.router_loads[router_id] = (time.monotonic(), {int(k): v for k, v in loads.items()})
+        if self.replace_threshold and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_imbalance())
 
     async def load_report(self) -> dict[str, Any]:
         """Expert loads summed over live routers, group loads under the current placement, imbalance."""
@@ -57,12 +71,76 @@ class Registry:
         self._changed = asyncio.Event()
 
     async def register(self, info: dict[str, Any]) -> int:
-        stale = [rid for rid, e in self.entries.items() if e["actor_id"] == info["actor_id"]]
+        stale = [
+            rid
+            for rid, e in self.entries.items()
+            if e["actor_id"] == info["actor_id"] and rid != info["replica_id"]
+        ]
         for rid in stale:  # the same actor, restarted: its old endpoints are dead
             self.entries.pop(rid)
         self.entries[info["replica_id"]] = info
+        self._maybe_activate()
         self._bump()
         return self.version
+
+    # ---- live re-placement -----------------------------------------------------------------------
+    async def placement_state(self) -> dict[str, Any]:
+        return {
+            "active": self.placement.to_json() if self.placement else None,
+            "active_version": self.placement.version if self.placement else None,
+            "pending": self.pending.to_json() if self.pending else None,
+        }
+
+    async def replace(self, placement_json: str | None = None) -> dict[str, Any]:
+        """Admin call: starts a re-placement to `placement_json`, or to one planned from the current load.
+
+        Replicas load their new slices; once every group has a replica serving the new version, it
+        becomes active and routers switch at their next step boundary."""
+        if self.placement is None:
+            raise ValueError("the registry has no placement to replace")
+        report = await self.load_report()
+        if placement_json:
+            new = Placement.from_json(placement_json)
+        else:
+            new = plan({int(k): v for k, v in report["expert_loads"].items()}, self.placement)
+        new = Placement(self.placement.version + 1, new.num_experts, new.groups)
+        self.pending = new
+        predicted = predicted_group_loads(new, report["expert_loads"])
+        event = {
+            "at": time.time(),
+            "from_version": self.placement.version,
+            "to_version": new.version,
+            "imbalance_before": report["imbalance"],
+            "imbalance_predicted": imbalance(dict(enumerate(predicted))),
+        }
+        self.replacements.append(event)
+        self._maybe_activate()
+        self._bump()
+        return event
+
+    def _maybe_activate(self) -> None:
+        if self.pending is None:
+            return
+        v = self.pending.version
+        ready = {e["group"] for e in self.entries.values() if v in e.get("placement_versions", ())}
+        if ready >= set(range(self.pending.num_groups)):
+            log.info("placement v%d active", v)
+            self.placement, self.pending = self.pending, None
+            self.replacements[-1]["activated_at"] = time.time()
+
+    async def _watch_imbalance(self) -> None:
+        """Triggers `replace()` when max/mean group load stays above the threshold for `replace_after_s`."""
+        while True:
+            await asyncio.sleep(1.0)
+            report = await self.load_report()
+            now = time.monotonic()
+            if self.pending is None and report["imbalance"] > (self.replace_threshold or float("inf")):
+                self._imbalanced_since = self._imbalanced_since or now
+                if now - self._imbalanced_since >= self.replace_after_s:
+                    self._imbalanced_since = None
+                    await self.replace()
+            else:
+                self._imbalanced_since = None
 
     async def deregister(self, replica_id: str) -> int:
         if self.entries.pop(replica_id, None) is not None:
@@ -83,27 +161,21 @@ class Registry:
     async def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
         return self.version, list(self.entries.values())
 
-    async def wait_for_change(self, known_version: int, timeout_s: float = 5.0) -> tuple[int, list[dict]]:
+    async def wait_for_change(
+        self, known_version: int, timeout_s: float = 5.0
+    ) -> tuple[int, list[dict], str | None]:
+        """Long poll: (version, entries, active placement JSON) once the version moves past `known_version`."""
         if known_version == self.version:
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
             except asyncio.TimeoutError:
                 pass
-        return await self.snapshot()
+        return self.version, list(self.entries.values()), self.placement.to_json() if self.placement else None
 
 
 def group_loads(placement: Placement, experts: dict[int, list[float]]) -> dict[int, float]:
     """tokens/s per group: each expert's load split evenly over the groups holding a copy of it."""
-    out = {g: 0.0 for g in range(placement.num_groups)}
-    for layer, row in experts.items():
-        holders: dict[int, list[int]] = {}
-        for g, held in enumerate(placement.groups):
-            for e in held.get(layer, ()):
-                holders.setdefault(e, []).append(g)
-        for e, load in enumerate(row):
-            for g in holders.get(e, []):
-                out[g] += load / len(holders[e])
-    return out
+    return dict(enumerate(predicted_group_loads(placement, experts)))
 
 
 def imbalance(loads: dict[int, float]) -> float:
@@ -134,6 +206,7 @@ class RegistryClient:
     def __init__(self, registry_handle: Any, poll_timeout_s: float = 2.0):
         self._registry = registry_handle
         self.version, self.entries = call_in_thread(registry_handle, "snapshot")
+        self.placement_json: str | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._poll_timeout_s = poll_timeout_s
@@ -143,7 +216,7 @@ class RegistryClient:
     def _poll(self) -> None:
         while not self._stop.is_set():
             try:
-                version, entries = call(
+                version, entries, placement_json = call(
                     self._registry,
                     "wait_for_change",
                     self.version,
@@ -156,7 +229,7 @@ class RegistryClient:
                 continue
             with self._cond:
                 if version != self.version:
-                    self.version, self.entries = version, entries
+                    self.version, self.entries, self.placement_json = version, entries, placement_json
                     self._cond.notify_all()
 
     def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
@@ -165,6 +238,10 @@ class RegistryClient:
 
     def report_unreachable(self, replica_id: str) -> None:
         self._registry.report_unreachable.remote(replica_id)
+
+    def active_placement(self) -> str | None:
+        """JSON of the active placement as last seen (None before the first poll or without one)."""
+        return self.placement_json
 
     def publish_load(self, router_id: str, loads: dict[int, list[float]]) -> None:
         self._registry.publish_load.remote(router_id, loads)

@@ -69,8 +69,38 @@ class Placement:
         return out
 
     def route(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(group_of [E], slot_of [E]) for one layer."""
+        """(group_of [E], slot_of [E]) for one layer: the first copy of each expert."""
         return self._tables[layer]
+
+    @cached_property
+    def _copy_tables(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """layer -> (copies [E], group [E, C], slot [E, C]) over every copy of each expert."""
+        out = {}
+        for layer in self.layers:
+            where: list[list[tuple[int, int]]] = [[] for _ in range(self.num_experts)]
+            for g, held in enumerate(self.groups):
+                for slot, e in enumerate(held.get(layer, ())):
+                    where[e].append((g, slot))
+            c = max(len(w) for w in where)
+            group = torch.zeros(self.num_experts, c, dtype=torch.long)
+            slot = torch.zeros(self.num_experts, c, dtype=torch.long)
+            for e, w in enumerate(where):
+                for i in range(c):
+                    group[e, i], slot[e, i] = w[i % len(w)]
+            out[layer] = (torch.tensor([len(w) for w in where]), group, slot)
+        return out
+
+    def route_pairs(self, layer: int, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group [T, k], slot [T, k]) of every (token, k) pair; an expert with several copies gets its
+        pairs spread over them round-robin by token index, so each copy takes an equal share."""
+        copies, group, slot = (t.to(topk_ids.device) for t in self._copy_tables[layer])
+        if group.shape[1] == 1:
+            return group[topk_ids, 0], slot[topk_ids, 0]
+        t, k = topk_ids.shape
+        dev = topk_ids.device
+        pos = torch.arange(t, device=dev).unsqueeze(1) + torch.arange(k, device=dev).unsqueeze(0)  # [T, k]
+        which = pos % copies[topk_ids]  # [T, k]
+        return group[topk_ids, which], slot[topk_ids, which]
 
     def to_json(self) -> str:
         groups = [{str(layer): list(ids) for layer, ids in g.items()} for g in self.groups]

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ class ReplicaInfo:
     device: str
     tensors_read: tuple[str, ...]
     pid: int
+    placement_versions: tuple[int, ...] = ()
 
 
 class ExpertGroupReplica:
@@ -97,7 +98,10 @@ class ExpertGroupReplica:
             device=str(self.device),
             tensors_read=tuple(sorted(ckpt.stats.tensors_read)),
             pid=os.getpid(),
+            placement_versions=(placement.version,),
         )
+        self._model_path, self._spec, self._dtype = model_path, spec, DTYPES[dtype]
+        self._active_seen: tuple[int, float] | None = None
         self._registry = registry
         self.group_loads: dict[int, float] = {}
         self._stop = threading.Event()
@@ -128,12 +132,57 @@ class ExpertGroupReplica:
         return out
 
     def _poll_loads(self) -> None:
+        """Every second: the cluster's group loads (for autoscaling) and the placement state (for live
+        re-placement: load the slice of a pending version, drop versions older than the active one)."""
         while not self._stop.wait(1.0):
             try:
                 report = call(self._registry, "load_report", timeout_s=5)
                 self.group_loads = {int(g): float(v) for g, v in report["group_loads"].items()}
+                self._follow_placement(call(self._registry, "placement_state", timeout_s=5))
             except Exception as e:  # noqa: BLE001 - registry restarting or gone: keep the last view
-                log.debug("load report: %s", e)
+                log.debug("registry poll: %s", e)
+
+    def _follow_placement(self, state: dict) -> None:
+        pending, active = state.get("pending"), state.get("active_version")
+        if pending:
+            placement = Placement.from_json(pending)
+            if placement.version not in self.core.stores:
+                self._load_version(placement)
+        if active is not None and len(self.core.stores) > 1 and active in self.core.stores:
+            seen = (
+                self._active_seen
+                if self._active_seen and self._active_seen[0] == active
+                else (active, time.time())
+            )
+            self._active_seen = seen
+            if time.time() - seen[1] > self.OLD_VERSION_GRACE_S:  # steps in flight on the old one are done
+                self.core.drop_versions_below(active)
+                self._reregister()
+
+    OLD_VERSION_GRACE_S = 10.0
+
+    def _load_version(self, placement: Placement) -> None:
+        t0 = time.perf_counter()
+        ckpt = Checkpoint(self._model_path, self._spec)
+        try:
+            store = ExpertStore.from_checkpoint(
+                ckpt, self._spec, placement.groups[self.core.group], self._dtype
+            )
+        finally:
+            ckpt.close()
+        self.core.add_version(placement.version, store.to(self.device))
+        self._reregister()
+        log.info(
+            "group %d: placement v%d loaded in %.2fs",
+            self.core.group,
+            placement.version,
+            time.perf_counter() - t0,
+        )
+
+    def _reregister(self) -> None:
+        self.info = replace(self.info, placement_versions=tuple(sorted(self.core.stores)))
+        if self._registry is not None:
+            call(self._registry, "register", asdict(self.info), timeout_s=10)
 
     def shutdown(self, drain_s: float = 1.0) -> None:
         """Drains, in steps: 1. deregister (routers stop picking this replica at their next call);

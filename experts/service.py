@@ -35,7 +35,8 @@ class ExpertGroupCore:
         device: torch.device,
         limits: ForwardLimits = ForwardLimits(),
     ):
-        self.store, self.group, self.placement_version = store, group, placement_version
+        self.group = group
+        self.stores: dict[int, ExpertStore] = {placement_version: store}  # placement version -> experts
         self.hidden_size, self.device, self.limits = hidden_size, device, limits
         self.tokens_served = 0
         self.calls_served = 0
@@ -46,12 +47,28 @@ class ExpertGroupCore:
         self.check_target(layer, version)
         self.check_sizes(n, k, hidden)
 
+    @property
+    def placement_version(self) -> int:
+        return max(self.stores)
+
+    @property
+    def store(self) -> ExpertStore:
+        return self.stores[self.placement_version]
+
+    def add_version(self, version: int, store: ExpertStore) -> None:
+        """Serves `version` too (loaded before routers switch to it)."""
+        self.stores[version] = store
+
+    def drop_versions_below(self, version: int) -> None:
+        for v in [v for v in self.stores if v < version]:
+            del self.stores[v]
+
     def check_target(self, layer: int, version: int) -> None:
-        if version != self.placement_version:
+        if version not in self.stores:
             raise PlacementMismatch(
-                f"placement_version {version} does not match this replica's {self.placement_version}"
+                f"placement_version {version} is not served here (serving {sorted(self.stores)})"
             )
-        if layer not in self.store.slots:
+        if layer not in self.stores[version].slots:
             raise ValueError(f"layer {layer} is not held by expert group {self.group}")
 
     def check_sizes(self, n: int, k: int, hidden: int) -> None:
@@ -79,13 +96,14 @@ class ExpertGroupCore:
                 f"shapes disagree: hidden {list(hidden.shape)}, local_ids {list(local_ids.shape)}, "
                 f"weights {list(weights.shape)}"
             )
-        slots = self.store.num_slots(layer)
+        store = self.stores[version]
+        slots = store.num_slots(layer)
         if n and (int(local_ids.min()) < -1 or int(local_ids.max()) >= slots):
             raise ValueError(f"local_ids: ids must be in [-1, {slots}) for layer {layer}")
         if n and not torch.isfinite(weights).all():
             raise ValueError("weights: not all finite")
         t0 = time.perf_counter()
-        out = self.store.forward(
+        out = store.forward(
             layer, hidden.to(self.device), local_ids.to(self.device, torch.long), weights.to(self.device)
         )
         self.tokens_served += n

@@ -185,6 +185,9 @@ class AsyncEngine:
 
     async def _step(self, chunks) -> None:
         self.in_flight = {c.seq for c in chunks}
+        begin = getattr(self.dispatcher, "begin_step", None)
+        if begin is not None:
+            begin()
         segments, tokens, start = [], [], 0
         for c in chunks:
             cache = PagedSequenceCache(self.pool, c.seq.block_table, c.start)

@@ -50,9 +50,7 @@ def split_by_group(
     placement: Placement, layer: int, topk_ids: torch.Tensor
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Steps 1-2: [(group, rows [n_g], local ids [n_g, k] with -1 elsewhere)] for groups that get tokens."""
-    group_of, slot_of = (t.to(topk_ids.device) for t in placement.route(layer))
-    groups = group_of[topk_ids]  # [T, k]
-    slots = slot_of[topk_ids]  # [T, k]
+    groups, slots = placement.route_pairs(layer, topk_ids)  # [T, k] each
     out = []
     for g in range(placement.num_groups):
         mine = groups == g  # [T, k]

@@ -91,23 +91,27 @@ class ReplicaPool:
             if rid not in live:
                 self.replicas.pop(rid)
         for rid, info in live.items():
-            self.replicas.setdefault(rid, Replica(info))
+            if rid in self.replicas:
+                self.replicas[rid].info = info  # e.g. the placement versions it serves changed
+            else:
+                self.replicas[rid] = Replica(info)
         self.version = version
 
-    def healthy(self, group: int, exclude: set[str]) -> list[Replica]:
+    def healthy(self, group: int, exclude: set[str], version: int = 0) -> list[Replica]:
         now = time.monotonic()
         return [
             r
             for r in self.replicas.values()
             if r.info["group"] == group
+            and version in r.info.get("placement_versions", (r.info.get("placement_version", version),))
             and r.id not in exclude
             and (r.failed_at is None or now - r.failed_at > self.cooldown)
         ]
 
-    async def acquire(self, group: int, exclude: set[str], deadline: float) -> Replica:
+    async def acquire(self, group: int, exclude: set[str], deadline: float, version: int = 0) -> Replica:
         while True:
             self.refresh()
-            candidates = self.healthy(group, exclude)
+            candidates = self.healthy(group, exclude, version)
             if candidates:
                 return min(candidates, key=lambda r: r.outstanding)
             if time.monotonic() >= deadline:
@@ -148,29 +152,44 @@ class RemoteDispatcher:
     async def forward(self, layer, hidden, topk_ids, topk_weights):
         self._count(layer, topk_ids)
         out = torch.zeros_like(hidden)  # [T, H]
-        parts = split_by_group(self.placement, layer, topk_ids)
+        placement = self.placement
+        parts = split_by_group(placement, layer, topk_ids)
         x = hidden.to(self.wire_dtype)
         results = await asyncio.gather(
-            *(self._call_group(g, layer, x[rows], ids, topk_weights[rows]) for g, rows, ids in parts)
+            *(
+                self._call_group(g, layer, x[rows], ids, topk_weights[rows], placement)
+                for g, rows, ids in parts
+            )
         )
         for (_, rows, _), y in zip(parts, results, strict=True):
             out.index_add_(0, rows, y.to(out.dtype))
         return out
 
-    async def _call_group(self, group, layer, x, local_ids, weights) -> torch.Tensor:
+    def begin_step(self) -> None:
+        """Step boundary: switch to a newer active placement, if the registry has one. A step runs
+        entirely on the placement it began with (the forward of every layer reads `self.placement`)."""
+        get = getattr(self.pool.source, "active_placement", None)
+        text = get() if get else None
+        if text:
+            new = Placement.from_json(text)
+            if new.version > self.placement.version:
+                log.info("switching to placement v%d", new.version)
+                self.placement = new
+
+    async def _call_group(self, group, layer, x, local_ids, weights, placement) -> torch.Tensor:
         n = x.shape[0]
         self.stats.calls += 1
         self.stats.tokens_per_group[group] = self.stats.tokens_per_group.get(group, 0) + n
         tried: set[str] = set()
         deadline = time.monotonic() + self.replacement_wait_s
         while True:
-            replica = await self.pool.acquire(group, tried, deadline)
+            replica = await self.pool.acquire(group, tried, deadline, placement.version)
             replica.outstanding += n
             try:
                 if replica.conn is None:
                     replica.conn = await self.transport.connect(replica.info)
                 return await self.transport.call(
-                    replica.conn, layer, self.placement.version, x, local_ids, weights, self.call_timeout_s
+                    replica.conn, layer, placement.version, x, local_ids, weights, self.call_timeout_s
                 )
             except TransportError as e:
                 log.warning("group %d replica %s failed (%s); retrying", group, replica.id, e)
