@@ -91,6 +91,14 @@ def _generate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "autoscale":
+        from bench.autoscale import main as bench_main
+    else:
+        from bench.dataplane import main as bench_main
+    return bench_main(args.rest)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serve_cmd import serve_main
 
@@ -140,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("bench", help="benchmarks: autoscale | dataplane (arguments pass through)")
+    p.add_argument("which", choices=["autoscale", "dataplane"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("demo", help="create the demo model if missing and generate a few completions")
     _sampling_flags(p)
     p.set_defaults(fn=cmd_demo)
