@@ -87,7 +87,10 @@ class RouterServer:
             out.update(
                 tokens_per_group=dict(d.stats.tokens_per_group),
                 failovers=d.stats.failovers,
+                retries=d.stats.retries,
                 placement_version=d.placement.version,
+                dispatch_latency_s=d.stats.latency.to_dict(),
+                transport=d.transport.name,
             )
         return out
 
@@ -105,11 +108,15 @@ class RouterBackend:
     async def generate(self, request: GenerateRequest):
         gen = self.router.options(stream=True).generate.remote(request)
         self._live[request.request_id] = gen
+        finished = False
         try:
             async for chunk in gen:
+                finished = bool(chunk.finish_reason)
                 yield chunk
         finally:
             self._live.pop(request.request_id, None)
+            if not finished:  # the consumer went away: stop the router's generation (frees its KV blocks)
+                gen.cancel()
 
     async def cancel(self, request_id: str) -> None:
         gen = self._live.pop(request_id, None)
@@ -139,15 +146,29 @@ class Frontend:
             api_token=token,
         )
         log.info("gRPC Inference API on %s:%d", self.cfg.host, self.grpc_port)
+        from cluster.ops import OpsState
+
+        self.ops = OpsState(router, registry, serve.get_replica_context().app_name, self.cfg.groups)
+        self.ops.start()
+        from cluster.errors import add_error_observer
+
+        add_error_observer(self.ops.count_rejected)
 
     def __serve_build_asgi_app__(self):
         from cluster.http_api import build_http_app
+        from cluster.ops_http import add_ops_routes
 
         token = self.cfg.api_token.get_secret_value() if self.cfg.api_token else None
-        return build_http_app(self.backend, self.tokenizer, model_name=self.cfg.served_name, api_token=token)
+        app = build_http_app(self.backend, self.tokenizer, model_name=self.cfg.served_name, api_token=token)
+        admin = self.cfg.admin_token.get_secret_value() if self.cfg.admin_token else None
+        add_ops_routes(app, self.ops, self.registry, admin)
+        return app
 
     async def addresses(self) -> dict[str, Any]:
         return {"grpc_port": self.grpc_port, "host": self.cfg.host}
+
+    async def ops_state(self) -> dict:
+        return self.ops.state()
 
     async def router_stats(self) -> dict:
         return await self.router.stats.remote()

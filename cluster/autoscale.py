@@ -131,6 +131,9 @@ class ExpertGroupPolicy:
         state = {g: dict((ctx.policy_state or {}).get("emoe", {}))}
         now = ctx.current_time if ctx.current_time is not None else time.time()
         decision, new_state = decide(loads, current, now, state, p)
+        pinned = (ctx.aggregated_metrics or {}).get(f"override_{g}")
+        if pinned:  # an operator pinned this group's size (dashboard action): no delay, no budget
+            decision[g] = int(max(pinned.values()))
         if decision[g] != ctx.target_num_replicas:
             log.info(
                 "%s: loads %s -> %d replicas (was %d)",

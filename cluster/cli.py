@@ -91,6 +91,16 @@ def _generate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.status_cmd import status_main
+
+    try:
+        return status_main(args.address)
+    except OSError as e:
+        print(f"emoe: error: cannot read {args.address}: {e}", file=sys.stderr)
+        return 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "autoscale":
         from bench.autoscale import main as bench_main
@@ -148,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("status", help="the ops state of a running application, as a table")
+    p.add_argument("--address", default="http://127.0.0.1:8000", help="HTTP address of the application")
+    p.set_defaults(fn=cmd_status)
     p = sub.add_parser("bench", help="benchmarks: autoscale | dataplane (arguments pass through)")
     p.add_argument("which", choices=["autoscale", "dataplane"])
     p.add_argument("rest", nargs=argparse.REMAINDER)

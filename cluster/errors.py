@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
 from emoe.api import InvalidRequest, Overloaded, UnknownRequest
@@ -20,9 +22,22 @@ ERROR_MAP: list[tuple[type[BaseException], grpc.StatusCode, int, str]] = [
 ]
 
 
+_observers: list[Callable[[str], None]] = []
+
+
+def add_error_observer(fn: Callable[[str], None]) -> None:
+    """`fn(reason)` is called for every classified error (reason: the gRPC status name, lower case);
+    the Frontend counts rejected requests by reason with it."""
+    _observers.append(fn)
+
+
 def classify(exc: BaseException) -> tuple[grpc.StatusCode, int, str]:
     """(gRPC status, HTTP status, error type) for an exception; anything unexpected is INTERNAL / 500."""
+    result = (grpc.StatusCode.INTERNAL, 500, "server_error")
     for cls, code, http, kind in ERROR_MAP:
         if isinstance(exc, cls):
-            return code, http, kind
-    return grpc.StatusCode.INTERNAL, 500, "server_error"
+            result = (code, http, kind)
+            break
+    for fn in _observers:
+        fn(result[0].name.lower())
+    return result

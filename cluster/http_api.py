@@ -263,8 +263,12 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     return JSONResponse(body, status_code=status)
 
 
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
 class _BearerAuth:
-    """ASGI middleware: every HTTP path but /health needs `Authorization: Bearer <token>`, else 401."""
+    """ASGI middleware: every HTTP path but /health and the read-only ops pages (/metrics, /dashboard...)
+    needs `Authorization: Bearer <token>`, else 401. Dashboard actions check the admin token themselves."""
 
     def __init__(self, app, token: str):
         self.app, self._token = app, token.encode()
@@ -279,7 +283,8 @@ class _BearerAuth:
     @staticmethod
     def _open(scope) -> bool:
         path, root = scope.get("path", ""), scope.get("root_path", "")
-        return (path[len(root) :] if root and path.startswith(root) else path) == "/health"
+        path = path[len(root) :] if root and path.startswith(root) else path
+        return path in OPEN_PATHS or path.startswith("/dashboard")
 
     def _authorized(self, scope) -> bool:
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")

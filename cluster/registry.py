@@ -37,6 +37,7 @@ class Registry:
         self._imbalanced_since: float | None = None
         self._watch: asyncio.Task | None = None
         self.replacements: list[dict[str, Any]] = []
+        self.overrides: dict[int, int] = {}  # group -> replicas an operator asked for
         self.entries: dict[str, dict[str, Any]] = {}  # replica_id -> info
         self._changed = asyncio.Event()
         self.placement = Placement.from_json(placement_json) if placement_json else None
@@ -63,7 +64,25 @@ class Registry:
                 acc = experts.setdefault(layer, [0.0] * len(row))
                 experts[layer] = [a + b for a, b in zip(acc, row, strict=True)]
         groups = group_loads(self.placement, experts) if self.placement else {}
-        return {"expert_loads": experts, "group_loads": groups, "imbalance": imbalance(groups)}
+        return {
+            "expert_loads": experts,
+            "group_loads": groups,
+            "imbalance": imbalance(groups),
+            "overrides": dict(self.overrides),
+        }
+
+    async def set_override(self, group: int, replicas: int | None) -> dict[int, int]:
+        """Admin: pin a group's replica count (the autoscaling policy follows it); None releases it."""
+        if replicas is None:
+            self.overrides.pop(group, None)
+        else:
+            if replicas < 0:
+                raise ValueError("replicas must be >= 0")
+            self.overrides[group] = replicas
+        return dict(self.overrides)
+
+    async def replacements_log(self) -> list[dict[str, Any]]:
+        return list(self.replacements)
 
     def _bump(self) -> None:
         self.version += 1

@@ -104,6 +104,7 @@ class ExpertGroupReplica:
         self._active_seen: tuple[int, float] | None = None
         self._registry = registry
         self.group_loads: dict[int, float] = {}
+        self.overrides: dict[int, int] = {}
         self._stop = threading.Event()
         if registry is not None:
             call_in_thread(registry, "register", asdict(self.info))
@@ -129,6 +130,7 @@ class ExpertGroupReplica:
             "busy_fraction": self.core.meter.busy_fraction(),
         }
         out.update({f"group_load_{g}": v for g, v in self.group_loads.items()})
+        out.update({f"override_{g}": float(v) for g, v in self.overrides.items()})
         return out
 
     def _poll_loads(self) -> None:
@@ -138,6 +140,7 @@ class ExpertGroupReplica:
             try:
                 report = call(self._registry, "load_report", timeout_s=5)
                 self.group_loads = {int(g): float(v) for g, v in report["group_loads"].items()}
+                self.overrides = {int(g): int(v) for g, v in report.get("overrides", {}).items()}
                 self._follow_placement(call(self._registry, "placement_state", timeout_s=5))
             except Exception as e:  # noqa: BLE001 - registry restarting or gone: keep the last view
                 log.debug("registry poll: %s", e)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from emoe.api import GenerateChunk, GenerateRequest, Overloaded, UnknownRequest
+from emoe.metrics import Histogram
 from emoe.spec import ModelSpec
 from emoe.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.attention import Segment
@@ -54,6 +55,7 @@ class RequestState:
     pending_text: str = ""  # decoded but held back: it may be the start of a stop string
     done: bool = False
     first_token_at: float | None = None
+    last_token_at: float | None = None
     arrived_at: float = field(default_factory=time.monotonic)
 
 
@@ -76,6 +78,8 @@ class AsyncEngine:
         self.in_flight: set[Sequence] = set()
         self.steps = 0
         self.tokens_generated = 0
+        self.requests_finished = 0
+        self.ttft, self.tpot, self.e2e = Histogram(), Histogram(), Histogram()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -112,6 +116,10 @@ class AsyncEngine:
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,
             "preemptions": self.scheduler.num_preemptions,
+            "requests_finished": self.requests_finished,
+            "ttft_s": self.ttft.to_dict(),
+            "tpot_s": self.tpot.to_dict(),
+            "e2e_s": self.e2e.to_dict(),
         }
 
     async def close(self) -> None:
@@ -217,7 +225,13 @@ class AsyncEngine:
         tok = state.sampler(logits)
         seq.output.append(tok)
         self.tokens_generated += 1
-        state.first_token_at = state.first_token_at or time.monotonic()
+        now = time.monotonic()
+        if state.first_token_at is None:
+            state.first_token_at = now
+            self.ttft.observe(now - state.arrived_at)
+        else:
+            self.tpot.observe(now - state.last_token_at)
+        state.last_token_at = now
         text = state.detok.add([tok]) if state.detok else ""
         finish = None
         if tok in state.stops:
@@ -230,6 +244,8 @@ class AsyncEngine:
         if finish:
             state.done = True
             self._release(seq)
+            self.requests_finished += 1
+            self.e2e.observe(now - state.arrived_at)
         state.queue.put_nowait(self._chunk(seq, [tok], text, finish))
 
     def _hold_back(self, state: RequestState, text: str, final: bool) -> tuple[str, bool]:

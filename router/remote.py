@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from emoe.load import ExpertLoad
+from emoe.metrics import Histogram
 from emoe.placement import Placement
 from router.dispatch import split_by_group
 
@@ -63,6 +64,7 @@ class DispatchStats:
     retries: int = 0
     failovers: int = 0
     tokens_per_group: dict[int, int] = field(default_factory=dict)
+    latency: Histogram = field(default_factory=Histogram)  # one group call, seconds
 
 
 @dataclass(frozen=True)
@@ -188,9 +190,12 @@ class RemoteDispatcher:
             try:
                 if replica.conn is None:
                     replica.conn = await self.transport.connect(replica.info)
-                return await self.transport.call(
+                t0 = time.perf_counter()
+                out = await self.transport.call(
                     replica.conn, layer, placement.version, x, local_ids, weights, self.call_timeout_s
                 )
+                self.stats.latency.observe(time.perf_counter() - t0)
+                return out
             except TransportError as e:
                 log.warning("group %d replica %s failed (%s); retrying", group, replica.id, e)
                 self._drop(replica)

@@ -28,6 +28,7 @@ def app(ray_cluster, demo_model):
 
     from cluster.app import APP_NAME, build_app
 
+    serve.shutdown()  # HTTP options apply only to a new Serve instance
     http_port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     cfg = dict(model=str(demo_model), groups=2, transport="grpc", grpc_port=0, max_queue=64, kv_blocks=512)

@@ -41,6 +41,7 @@ def test_hot_group_scales_up_and_back_without_failures(ray_cluster, hot_model):
             p: engine.generate([tok.encode(p)], max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS
         }
 
+    serve.shutdown()  # a fresh Serve instance: HTTP options apply only to a new one
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     cfg = dict(
         model=str(hot_model),

@@ -42,6 +42,7 @@ def test_replacement_balances_groups_live(ray_cluster, hot_model):
         want = {
             p: engine.generate([tok.encode(p)], max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS
         }
+    serve.shutdown()  # a fresh Serve instance: HTTP options apply only to a new one
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     cfg = dict(model=str(hot_model), groups=4, transport="grpc", grpc_port=0, admin_token="adm1n")
     handle = serve.run(build_app(cfg), name="emoe-replace", route_prefix="/replace")
