@@ -80,7 +80,8 @@ function drawChart(state) {
   const marks = state.events.map((e) => e.time - t0);
   const opts = {
     width: $("chart").clientWidth || 560, height: 220, series,
-    scales: { y: { range: [0, Math.max(2, ...data.slice(1).flat().filter((x) => x !== null)) + 1] } },
+    axes: [{ label: "seconds" }, { label: "replicas" }],
+    scales: { x: { time: false }, y: { range: [0, Math.max(2, ...data.slice(1).flat().filter((x) => x !== null)) + 1] } },
     hooks: { draw: [(u) => {
       const ctx = u.ctx; ctx.save(); ctx.strokeStyle = "#888"; ctx.setLineDash([2, 3]);
       for (const x of marks) { const px = u.valToPos(x, "x", true); ctx.beginPath(); ctx.moveTo(px, u.bbox.top); ctx.lineTo(px, u.bbox.top + u.bbox.height); ctx.stroke(); }

@@ -508,8 +508,8 @@ def test_validators_fail_on_planted_mistakes(built, crds, case):
 def test_strict_kubernetes_validation_fails_on_planted_mistakes(built):
     docs = copy.deepcopy(built["gpu"])
     policy = one(docs, "NetworkPolicy")
-    _rename(policy["spec"], "podSelector", "podSelecter")
-    assert any("podSelecter" in e for e in builtin_errors(policy))
+    _rename(policy["spec"], "policyTypes", "policyType")
+    assert any("'policyType' was unexpected" in e for e in builtin_errors(policy))
     pvc = one(docs, "PersistentVolumeClaim")
     pvc["spec"]["accessModes"] = "ReadWriteMany"  # a string, not a list
     assert builtin_errors(pvc)
