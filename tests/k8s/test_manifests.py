@@ -77,8 +77,9 @@ def set_serve_config(rs: dict, cfg: dict) -> None:
 
 
 def builtin_errors(doc: dict) -> list[str]:
-    import kubernetes_validate
-
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (test extra) is not installed"
+    )
     name = f"{doc['kind']}/{doc['metadata'].get('name')}"
     try:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -104,6 +105,12 @@ def to_json_schema(s: dict) -> dict:
     for key in ("anyOf", "allOf", "oneOf"):
         if key in s:
             s[key] = [to_json_schema(v) for v in s[key]]
+    if (
+        s.get("type") == "object"
+        and not s.get("x-kubernetes-preserve-unknown-fields")
+        and "additionalProperties" not in s
+    ):
+        s["additionalProperties"] = False
     if s.pop("x-kubernetes-int-or-string", False):
         s["type"] = ["integer", "string"]
     if s.pop("nullable", False):
@@ -111,12 +118,6 @@ def to_json_schema(s: dict) -> dict:
             s["type"] = [*(s["type"] if isinstance(s["type"], list) else [s["type"]]), "null"]
         else:
             s = {"anyOf": [s, {"type": "null"}]}
-    if (
-        s.get("type") == "object"
-        and not s.get("x-kubernetes-preserve-unknown-fields")
-        and "additionalProperties" not in s
-    ):
-        s["additionalProperties"] = False
     return s
 
 
@@ -124,7 +125,7 @@ def crd_validator(kind: str) -> jsonschema.Draft202012Validator:
     path = CRD_DIR / CRD_FILES[kind]
     if not path.is_file():
         pytest.skip(f"KubeRay CRD {path} is absent (see ../shared/kuberay/README.md)")
-    crd = yaml.safe_load(path.read_text())
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 36k lines
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = to_json_schema(version["schema"]["openAPIV3Schema"])
     # the root metadata is ObjectMeta, checked by the API server (not part of the CRD's schema)
@@ -230,23 +231,32 @@ def container_ports(group: dict) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in ray_container(group).get("ports", []) if "name" in p}
 
 
-def quantity(resources: dict, kind: str, name: str) -> int:
-    return int(str((resources.get(kind) or {}).get(name, 0)))
+def quantity(resources: dict, kind: str, name: str) -> float:
+    return float(str((resources.get(kind) or {}).get(name, 0)))
 
 
 def cross_errors(docs: list[dict], overlay: str) -> list[str]:
     from cluster.config import parse_config
 
     rs = one(docs, "RayService")
-    cluster_spec = rs["spec"]["rayClusterConfig"]
-    head, workers = cluster_spec["headGroupSpec"], cluster_spec.get("workerGroupSpecs", [])
     cfg = serve_config(rs)
     (app,) = cfg["applications"]
-    args = parse_config(app["args"])
-    deps = {d["name"]: d for d in app.get("deployments", [])}
-    errors = []
+    ctx = {
+        "docs": docs,
+        "rs": rs,
+        "cluster": rs["spec"]["rayClusterConfig"],
+        "workers": rs["spec"]["rayClusterConfig"].get("workerGroupSpecs", []),
+        "cfg": cfg,
+        "args": parse_config(app["args"]),
+        "deps": {d["name"]: d for d in app.get("deployments", [])},
+        "overlay": overlay,
+    }
+    return [e for check in (_bounds, _ports, _placement, _gpus, _selection) for e in check(**ctx)]
 
-    # replica bounds: worker groups and autoscaling configs
+
+def _bounds(cluster, workers, deps, **_) -> list[str]:
+    """min <= replicas <= max for worker groups and autoscaling configs; the autoscaler and auth are on."""
+    errors = []
     for w in workers:
         lo, hi, n = w["minReplicas"], w["maxReplicas"], w.get("replicas", w["minReplicas"])
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
@@ -257,14 +267,19 @@ def cross_errors(docs: list[dict], overlay: str) -> list[str]:
         a = d.get("autoscaling_config")
         if a and not a["min_replicas"] <= a.get("initial_replicas", a["min_replicas"]) <= a["max_replicas"]:
             errors.append(f"{name}.autoscaling_config: min <= initial <= max violated")
-    if not cluster_spec.get("enableInTreeAutoscaling"):
+    if not cluster.get("enableInTreeAutoscaling"):
         errors.append("rayClusterConfig.enableInTreeAutoscaling must be true")
-    if (cluster_spec.get("authOptions") or {}).get("mode") != "token":
+    if (cluster.get("authOptions") or {}).get("mode") != "token":
         errors.append("rayClusterConfig.authOptions.mode must be token")
+    return errors
 
-    # ports: Serve's HTTP port and the app's gRPC port are the serve service's, targeting head ports
+
+def _ports(rs, cluster, workers, cfg, args, **_) -> list[str]:
+    """Serve's HTTP port and the app's gRPC port are the serve service's ports, which target named ports that
+    only the head declares; Serve's own gRPC proxy does not take the Frontend's port."""
+    errors = []
     svc_ports = {p["name"]: p for p in rs["spec"]["serveService"]["spec"]["ports"]}
-    head_ports = container_ports(head)
+    head_ports = container_ports(cluster["headGroupSpec"])
     want = {"serve": cfg.get("http_options", {}).get("port", 8000), "serve-grpc": args.grpc_port}
     for name, port in want.items():
         sp = svc_ports.get(name)
@@ -272,65 +287,76 @@ def cross_errors(docs: list[dict], overlay: str) -> list[str]:
             errors.append(f"serve service port {name}: want {port}, targetPort {name} = head port {name}")
     if svc_ports.get("serve-grpc", {}).get("appProtocol") != "kubernetes.io/h2c":
         errors.append("serve service port serve-grpc: appProtocol must be kubernetes.io/h2c")
+    if args.http_port != want["serve"]:
+        errors.append(f"args.http_port {args.http_port} != http_options.port {want['serve']}")
     grpc_options = cfg.get("grpc_options") or {}
     if grpc_options.get("grpc_servicer_functions") and grpc_options.get("port", 9000) == args.grpc_port:
         errors.append("grpc_options.port: Serve's gRPC proxy would take the Frontend's gRPC port")
-    for w in workers:  # only the head may be an endpoint of the serve service's named ports
+    for w in workers:
         if set(container_ports(w)) & set(want):
             errors.append(f"worker group {w['groupName']}: declares a serve port (it runs no proxy)")
     if args.host != "0.0.0.0" or cfg.get("http_options", {}).get("host") != "0.0.0.0":
         errors.append("args.host and http_options.host must be 0.0.0.0 (reachable from outside the pod)")
+    return errors
+
+
+def _placement(workers, cfg, args, deps, **_) -> list[str]:
+    """Proxy and Frontend on the head; the routers' CPU slots fit the worker groups."""
+    errors = []
     if cfg.get("proxy_location") != "HeadOnly":
         errors.append("proxy_location must be HeadOnly (the serve service targets the head)")
     frontend = deps.get("Frontend", {}).get("ray_actor_options", {})
     if HEAD_RESOURCE not in frontend.get("resources", {}):
         errors.append(f"Frontend must be pinned to the head (resources {{{HEAD_RESOURCE!r}: 0.001}})")
+    router_cpus = deps.get("Router", {}).get("ray_actor_options", {}).get("num_cpus", 0)
+    slots = sum(w["maxReplicas"] * float(w["rayStartParams"].get("num-cpus", 0)) for w in workers)
+    if args.routers * router_cpus > slots:
+        errors.append(f"{args.routers} routers x {router_cpus} CPUs exceed the worker groups' {slots}")
+    return errors
 
-    # GPUs: the expert replicas' demand fits the GPU worker groups, which carry limits and tolerations
+
+def _gpus(workers, args, overlay, **_) -> list[str]:
+    """GPU worker groups carry limits and tolerations; the expert replicas' peak demand fits them."""
+    errors = []
     gpu_groups = [w for w in workers if quantity(ray_container(w)["resources"], "limits", "nvidia.com/gpu")]
     gpus = args.gpus_per_expert_replica or 0
     if overlay == "gpu":
-        experts = [w for w in workers if w["groupName"] == "experts"]
-        if not experts or experts[0] not in gpu_groups:
+        if not any(w["groupName"] == "experts" for w in gpu_groups):
             errors.append("worker group experts: no nvidia.com/gpu limit")
         if gpus < 1:
             errors.append("args.gpus_per_expert_replica must be >= 1 in the gpu overlay")
     for w in gpu_groups:
-        spec = w["template"]["spec"]
-        if not any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])):
+        if not any(t.get("key") == "nvidia.com/gpu" for t in w["template"]["spec"].get("tolerations", [])):
             errors.append(f"worker group {w['groupName']}: no toleration for nvidia.com/gpu")
     capacity = sum(
         w["maxReplicas"] * quantity(ray_container(w)["resources"], "limits", "nvidia.com/gpu")
         for w in gpu_groups
     )
-    max_replicas = args.max_replicas_per_group if args.autoscaling else args.replicas_per_group
-    peak = (
-        args.groups * max_replicas
-        if args.gpu_budget is None
-        else min(args.gpu_budget, args.groups * max_replicas)
-    )
+    per_group = args.max_replicas_per_group if args.autoscaling else args.replicas_per_group
+    peak = min(args.gpu_budget or args.groups * per_group, args.groups * per_group)
     if gpus and peak * gpus > capacity:
-        errors.append(f"expert replicas may need {peak * gpus} GPUs; GPU worker groups allow {capacity}")
+        errors.append(f"expert replicas may need {peak * gpus:g} GPUs; GPU worker groups allow {capacity:g}")
+    return errors
 
-    # labels: every Ray pod is selected by the NetworkPolicy and the PodMonitor; volumes exist
+
+def _selection(docs, cluster, workers, **_) -> list[str]:
+    """Every Ray pod carries the label the NetworkPolicy and the PodMonitor select, and mounts the model."""
+    errors = []
     pvc = one(docs, "PersistentVolumeClaim")["metadata"]["name"]
-    for g in [head, *workers]:
+    for g in [cluster["headGroupSpec"], *workers]:
+        name = g.get("groupName", "head")
         labels = g["template"]["metadata"].get("labels", {})
         if any(labels.get(k) != v for k, v in PART_OF.items()):
-            errors.append(f"group {g.get('groupName', 'head')}: pod label {PART_OF} missing")
-        claims = [
-            v["persistentVolumeClaim"]["claimName"]
-            for v in g["template"]["spec"].get("volumes", [])
-            if "persistentVolumeClaim" in v
-        ]
-        if pvc not in claims or set(claims) - {pvc}:
-            errors.append(f"group {g.get('groupName', 'head')}: the model volume must be the claim {pvc}")
-    policy = one(docs, "NetworkPolicy")["spec"]
-    if policy["podSelector"]["matchLabels"] != PART_OF:
+            errors.append(f"group {name}: pod label {PART_OF} missing")
+        volumes = g["template"]["spec"].get("volumes", [])
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
+        if claims != {pvc}:
+            errors.append(f"group {name}: the model volume must be the claim {pvc}, got {sorted(claims)}")
+    if one(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"] != PART_OF:
         errors.append("NetworkPolicy must select the Ray pods by their part-of label")
     monitor = one(docs, "PodMonitor")["spec"]
-    monitor_ports = {e["port"] for e in monitor["podMetricsEndpoints"]}
-    if monitor["selector"]["matchLabels"] != PART_OF or not {"metrics", "serve"} <= monitor_ports:
+    ports = {e["port"] for e in monitor["podMetricsEndpoints"]}
+    if monitor["selector"]["matchLabels"] != PART_OF or not {"metrics", "serve"} <= ports:
         errors.append("PodMonitor must scrape the Ray pods' metrics port and the head's serve port")
     return errors
 
@@ -391,6 +417,29 @@ def test_listed_deployments_agree_with_build_app(built, overlay, tmp_path):
     for g in range(groups):
         built_cfg = deployments[f"ExpertGroup-{g}"]._deployment_config.autoscaling_config
         assert AutoscalingConfig(**listed[f"ExpertGroup-{g}"]["autoscaling_config"]) == built_cfg
+
+
+def test_crd_translation_rules():
+    closed = {"type": "object", "nullable": True, "properties": {"a": {"type": "integer"}}}
+    schema = to_json_schema(
+        {
+            "type": "object",
+            "properties": {
+                "port": {
+                    "x-kubernetes-int-or-string": True,
+                    "anyOf": [{"type": "integer"}, {"type": "string"}],
+                },
+                "name": {"type": "string", "nullable": True},
+                "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                "closed": closed,
+            },
+        }
+    )
+    v = jsonschema.Draft202012Validator(schema)
+    assert not list(v.iter_errors({"port": "http", "name": None, "free": {"any": 1}, "closed": None}))
+    assert not list(v.iter_errors({"port": 8000, "closed": {"a": 1}}))
+    for bad in ({"prot": 1}, {"closed": {"b": 1}}, {"port": 1.5}, {"name": 3}):
+        assert list(v.iter_errors(bad)), bad
 
 
 # --- tests: the validators catch planted mistakes ----------------------------------------------------------
@@ -455,6 +504,16 @@ PLANTED = {
         "cross",
         lambda rs: _edit_serve(rs, lambda c: c["http_options"].update(port=8080)),
         "serve service port serve:",
+    ),
+    "more routers than router pods": (
+        "cross",
+        lambda rs: _edit_serve(rs, lambda c: c["applications"][0]["args"].update(routers=5)),
+        "5 routers x 1 CPUs exceed",
+    ),
+    "Frontend not pinned to the head": (
+        "cross",
+        lambda rs: _edit_serve(rs, lambda c: c["applications"][0]["deployments"].pop(0)),
+        "Frontend must be pinned to the head",
     ),
     "Serve config typo proxy_locaton": (
         "serve",
@@ -566,7 +625,9 @@ def test_gpu_serve_config_deploys_and_answers_grpc_generate(built, ray_cluster, 
         assert len(details["Router"]["replicas"]) == app["args"]["routers"]
         for g in range(app["args"]["groups"]):
             assert len(details[f"ExpertGroup-{g}"]["replicas"]) == 1
-            assert details[f"ExpertGroup-{g}"]["deployment_config"]["autoscaling_config"]["max_replicas"] == 2
+            deployed = details[f"ExpertGroup-{g}"]["deployment_config"]
+            assert deployed["autoscaling_config"]["max_replicas"] == app["args"]["max_replicas_per_group"]
+            assert deployed["ray_actor_options"]["num_gpus"] == app["args"]["gpus_per_expert_replica"]
     finally:
         serve.delete(app["name"])
         serve.shutdown()
