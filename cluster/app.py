@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import SecretStr
 from ray import serve
 
 from cluster.config import AppConfig, parse_config
@@ -130,7 +132,7 @@ class Frontend:
         from cluster.grpc_api import InferenceServicer, start_grpc_server
         from emoe.tokenizer import Tokenizer
 
-        self.cfg: AppConfig = parse_config(config)
+        self.cfg: AppConfig = _with_env_tokens(parse_config(config))
         self.tokenizer = Tokenizer(self.cfg.model)
         self.router, self.registry = router, registry
         info = await router.info.remote()
@@ -187,6 +189,19 @@ class Frontend:
         if want is not None and not hmac.compare_digest((admin_token or "").encode(), want.encode()):
             raise Unauthenticated("admin token missing or wrong")
         return await self.registry.replace.remote()
+
+
+def _with_env_tokens(cfg: AppConfig) -> AppConfig:
+    """Tokens named by `api_token_env` / `admin_token_env`, read here in the replica (so they never sit
+    in Serve's stored config); a named variable that is unset is an error naming it."""
+    update = {}
+    for field, env in (("api_token", cfg.api_token_env), ("admin_token", cfg.admin_token_env)):
+        if env:
+            value = os.environ.get(env)
+            if not value:
+                raise ValueError(f"{field}_env: environment variable {env!r} is not set")
+            update[field] = SecretStr(value)
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def _read_tls(cfg: AppConfig) -> tuple[bytes | None, bytes | None]:
@@ -277,7 +292,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                     placement.to_json(),
                     cfg.dtype,
                     registry_app,
-                    "127.0.0.1",
+                    cfg.data_plane_host,
                     cfg.expert_torch_threads,
                 )
             )

@@ -29,6 +29,11 @@ class AppConfig(BaseModel):
     transport: Literal["grpc", "dist", "local"] = Field("grpc", description="router -> expert data plane")
     dtype: Literal["float32", "bfloat16"] = "float32"
     host: str = Field("127.0.0.1", description="address the gRPC and HTTP servers bind")
+    data_plane_host: str = Field(
+        "127.0.0.1",
+        description="address expert replicas bind and advertise; 'node': all interfaces, advertising the "
+        "Ray node's IP (multi-node clusters)",
+    )
     grpc_port: int = Field(50051, ge=0, le=65535, description="public gRPC API port (0: OS picks)")
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI HTTP API and dashboard port")
     gpus_per_expert_replica: float | None = Field(
@@ -43,6 +48,10 @@ class AppConfig(BaseModel):
     max_context: int | None = Field(None, ge=2, description="prompt + output limit (default: the model's)")
     api_token: SecretStr | None = Field(None, description="bearer token required by the public APIs")
     admin_token: SecretStr | None = Field(None, description="token required by admin actions")
+    api_token_env: str | None = Field(
+        None, description="environment variable holding api_token (read by the Frontend)"
+    )
+    admin_token_env: str | None = Field(None, description="environment variable holding admin_token")
     tls_cert_file: str | None = Field(None, description="PEM certificate for the gRPC API")
     tls_key_file: str | None = Field(None, description="PEM private key for the gRPC API")
     autoscaling: bool = Field(

@@ -83,8 +83,12 @@ class ExpertGroupReplica:
         store.to(self.device)
         self.replica_id = uuid.uuid4().hex[:12]
         self.core = ExpertGroupCore(store, group, placement.version, spec.hidden_size, self.device)
-        self.grpc = GrpcExpertServer(ExpertServicer(self.core, self.replica_id, DTYPES[dtype]), host)
-        self.dist = DistExpertServer(self.core, host)
+        # "node": listen on every interface, advertise this node's IP (routers on other nodes must reach it)
+        bind, advertise = ("0.0.0.0", ray.util.get_node_ip_address()) if host == "node" else (host, host)
+        self.grpc = GrpcExpertServer(
+            ExpertServicer(self.core, self.replica_id, DTYPES[dtype]), bind, advertise
+        )
+        self.dist = DistExpertServer(self.core, bind, advertise=advertise)
         self.info = ReplicaInfo(
             replica_id=self.replica_id,
             actor_id=ctx.get_actor_id() or self.replica_id,

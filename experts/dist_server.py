@@ -19,8 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class DistExpertServer:
-    def __init__(self, core: ExpertGroupCore, host: str = "127.0.0.1", timeout_s: float = 30.0):
+    def __init__(
+        self,
+        core: ExpertGroupCore,
+        host: str = "127.0.0.1",
+        timeout_s: float = 30.0,
+        advertise: str | None = None,
+    ):
         self.core, self.host, self.timeout_s = core, host, timeout_s
+        self.advertise = advertise or host
         self.backend = p2p.backend_for(core.device)
         self._store = p2p.host_store(host, timeout_s)
         self.port = self._store.port
@@ -31,7 +38,7 @@ class DistExpertServer:
         t = threading.Thread(target=self._accept, name="emoe-dist-accept", daemon=True)
         t.start()
         self._threads.append(t)
-        return f"{self.host}:{self.port}"
+        return f"{self.advertise}:{self.port}"
 
     def _accept(self) -> None:
         pair = 0

@@ -59,8 +59,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 class GrpcExpertServer:
     """Runs the servicer on 127.0.0.1 (or `host`) at an OS-assigned port, in a background loop thread."""
 
-    def __init__(self, servicer: ExpertServicer, host: str = "127.0.0.1"):
-        self.servicer, self.host = servicer, host
+    def __init__(self, servicer: ExpertServicer, host: str = "127.0.0.1", advertise: str | None = None):
+        self.servicer, self.host, self.advertise = servicer, host, advertise or host
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._server: grpc.aio.Server | None = None
@@ -71,7 +71,7 @@ class GrpcExpertServer:
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise RuntimeError("gRPC expert server did not start")
-        return f"{self.host}:{self.port}"
+        return f"{self.advertise}:{self.port}"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

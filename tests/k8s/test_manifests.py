@@ -23,6 +23,7 @@ import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
+import grpc
 import jsonschema
 import pytest
 import yaml
@@ -601,10 +602,17 @@ def test_gpu_serve_config_deploys_and_answers_grpc_generate(built, ray_cluster, 
     cfg = serve_config(one(built["gpu"], "RayService"))
     (app,) = cfg["applications"]
     http_port, grpc_port = free_port(), free_port()
-    cfg["http_options"]["port"] = http_port
+    cfg["http_options"].update(port=http_port, host="127.0.0.1")  # this machine: loopback only
     app["args"].update(
-        model=str(write_demo_model(tmp_path / "model")), grpc_port=grpc_port, http_port=http_port
+        model=str(write_demo_model(tmp_path / "model")),
+        grpc_port=grpc_port,
+        http_port=http_port,
+        host="127.0.0.1",
+        data_plane_host="127.0.0.1",
     )
+    # on Kubernetes the head container gets these from the Secret emoe-api-tokens; here the app's runtime_env
+    tokens = {app["args"]["api_token_env"]: "api-s3cret", app["args"]["admin_token_env"]: "adm1n"}
+    app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(tokens)
     schema = ServeDeploySchema.model_validate(cfg)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
@@ -615,6 +623,12 @@ def test_gpu_serve_config_deploys_and_answers_grpc_generate(built, ray_cluster, 
         client.deploy_apps(schema)
         wait_running(app["name"], timeout_s=120)
         with InferenceClient(f"127.0.0.1:{grpc_port}", timeout_s=60) as c:
+            with pytest.raises(grpc.RpcError) as denied:
+                c.complete("Once upon a time", max_tokens=2)
+            assert (
+                denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            )  # the token from the env is enforced
+        with InferenceClient(f"127.0.0.1:{grpc_port}", timeout_s=60, token="api-s3cret") as c:
             parts = list(c.generate("Once upon a time", max_tokens=8, ignore_eos=True))
         assert len([t for p in parts for t in p.token_ids]) == 8
         assert parts[-1].finish_reason == "length"
