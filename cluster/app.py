@@ -10,15 +10,18 @@ Deployments (DESIGN §3):
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import SecretStr
 from ray import serve
+from ray.exceptions import RayActorError
 
 from cluster.config import AppConfig, parse_config
 from cluster.registry import Registry
@@ -98,16 +101,45 @@ class RouterServer:
 
 
 class RouterBackend:
-    """`InferenceBackend` over the Router deployment's handle (streaming calls, cancel by closing)."""
+    """`InferenceBackend` over the Router deployment's handle (streaming calls, cancel by closing).
+
+    Resumption, in steps, when the router serving a stream dies: 1. keep every token already sent;
+    2. send a new request to another router with prompt + those tokens, the remaining max_tokens and the
+    same seed (`resume_offset` keeps sampling reproducible); 3. go on streaming, so the client sees no
+    error, no duplicated and no missing token."""
+
+    MAX_RESUMES = 3
 
     def __init__(self, router: Any, info: ModelInfo):
         self.router, self._info = router, info
         self._live: dict[str, Any] = {}
+        self.resumed = 0
 
     def info(self) -> ModelInfo:
         return self._info
 
     async def generate(self, request: GenerateRequest):
+        sent: list[int] = []
+        req, attempt = request, 0
+        while True:
+            try:
+                async for chunk in self._stream(req):
+                    sent.extend(chunk.token_ids)
+                    chunk.prompt_tokens, chunk.completion_tokens = len(request.prompt_token_ids), len(sent)
+                    chunk.request_id = request.request_id
+                    yield chunk
+                return
+            except RayActorError as e:
+                if attempt >= self.MAX_RESUMES or len(sent) >= request.sampling.max_tokens:
+                    raise
+                attempt += 1
+                self.resumed += 1
+                log.warning(
+                    "router died during %s (%s): resuming after %d tokens", request.request_id, e, len(sent)
+                )
+                req = _resumed(request, sent, attempt)
+
+    async def _stream(self, request: GenerateRequest):
         gen = self.router.options(stream=True).generate.remote(request)
         self._live[request.request_id] = gen
         finished = False
@@ -121,9 +153,21 @@ class RouterBackend:
                 gen.cancel()
 
     async def cancel(self, request_id: str) -> None:
-        gen = self._live.pop(request_id, None)
-        if gen is not None:
-            gen.cancel()
+        for rid in [r for r in self._live if r == request_id or r.startswith(request_id + "~")]:
+            gen = self._live.pop(rid, None)
+            if gen is not None:
+                gen.cancel()
+
+
+def _resumed(request: GenerateRequest, sent: list[int], attempt: int) -> GenerateRequest:
+    s = request.sampling
+    return GenerateRequest(
+        request_id=f"{request.request_id}~{attempt}",
+        prompt_token_ids=tuple(request.prompt_token_ids) + tuple(sent),
+        sampling=dataclasses.replace(s, max_tokens=s.max_tokens - len(sent)),
+        prompt_text=request.prompt_text,
+        resume_offset=request.resume_offset + len(sent),
+    )
 
 
 @serve.ingress()
@@ -168,6 +212,9 @@ class Frontend:
 
     async def addresses(self) -> dict[str, Any]:
         return {"grpc_port": self.grpc_port, "host": self.cfg.host}
+
+    async def frontend_stats(self) -> dict[str, Any]:
+        return {"resumed_streams": self.backend.resumed, "rejected": dict(self.ops.rejected)}
 
     async def ops_state(self) -> dict:
         return self.ops.state()
@@ -272,6 +319,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         placement.to_json(),
         replace_threshold=cfg.replace_imbalance_threshold,
         replace_after_s=cfg.replace_after_s,
+        # one key per deployment: a restarted Registry replica restores it, a new deployment starts fresh
+        state_key=f"registry/{uuid.uuid4().hex}",
     )
     groups = []
     if cfg.transport != "local":

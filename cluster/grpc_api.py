@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -231,6 +232,55 @@ async def _deny(request: bytes, context) -> None:
     await _abort(context, Unauthenticated("authorization: missing or wrong bearer token"))
 
 
+_METHODS = {  # name -> (request type, response type, server streaming)
+    "Generate": (pb.GenerateRequest, pb.GenerateResponse, True),
+    "Complete": (pb.GenerateRequest, pb.GenerateResponse, False),
+    "GetModelInfo": (pb.GetModelInfoRequest, pb.ModelInfo, False),
+    "Cancel": (pb.CancelRequest, pb.CancelResponse, False),
+}
+
+
+def _inference_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The Inference service with requests parsed by us: bytes that are not a valid message get
+    INVALID_ARGUMENT (gRPC's own deserializer would answer UNKNOWN)."""
+    handlers = {}
+    for name, (req_type, resp_type, streaming) in _METHODS.items():
+        method = getattr(servicer, name)
+        if streaming:
+            handlers[name] = grpc.unary_stream_rpc_method_handler(
+                _parsed_stream(req_type, method), response_serializer=resp_type.SerializeToString
+            )
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                _parsed_unary(req_type, method), response_serializer=resp_type.SerializeToString
+            )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+async def _parse(req_type, raw: bytes, context):
+    try:
+        return req_type.FromString(raw)
+    except DecodeError as e:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {req_type.DESCRIPTOR.full_name}: {e}"
+        )
+
+
+def _parsed_unary(req_type, method):
+    async def handle(raw: bytes, context):
+        return await method(await _parse(req_type, raw, context), context)
+
+    return handle
+
+
+def _parsed_stream(req_type, method):
+    async def handle(raw: bytes, context):
+        async for response in method(await _parse(req_type, raw, context), context):
+            yield response
+
+    return handle
+
+
 async def start_grpc_server(
     servicer: InferenceServicer,
     host: str = "127.0.0.1",
@@ -251,7 +301,7 @@ async def start_grpc_server(
         raise ValueError("tls_cert and tls_key must be given together")
     interceptors = [_BearerTokenInterceptor(api_token)] if api_token else []
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
-    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_inference_handler(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):

@@ -11,6 +11,7 @@ entry unless the same replica answers.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ class Registry:
         load_ttl_s: float = 10.0,
         replace_threshold: float | None = None,
         replace_after_s: float = 10.0,
+        state_key: str | None = None,
     ):
         self.version = 0
         self.pending: Placement | None = None
@@ -38,6 +40,8 @@ class Registry:
         self._watch: asyncio.Task | None = None
         self.replacements: list[dict[str, Any]] = []
         self.overrides: dict[int, int] = {}  # group -> replicas an operator asked for
+        self.state_key = state_key
+        self._restore()
         self.entries: dict[str, dict[str, Any]] = {}  # replica_id -> info
         self._changed = asyncio.Event()
         self.placement = Placement.from_json(placement_json) if placement_json else None
@@ -88,8 +92,43 @@ class Registry:
         self.version += 1
         self._changed.set()
         self._changed = asyncio.Event()
+        self._persist()
+
+    # ---- durable state: placement versions, re-placements, pins survive a registry restart -----------
+    def _restore(self) -> None:
+        """Placement (active and pending), re-placement log, pins and a version above any served before,
+        from Ray's internal KV. Endpoints are not stored: replicas re-register within a second."""
+        raw = _kv_get(self.state_key) if self.state_key else None
+        if not raw:
+            return
+        state = json.loads(raw)
+        self.placement = Placement.from_json(state["placement"]) if state.get("placement") else self.placement
+        self.pending = Placement.from_json(state["pending"]) if state.get("pending") else None
+        self.replacements = state.get("replacements", [])
+        self.overrides = {int(g): int(n) for g, n in state.get("overrides", {}).items()}
+        self.version = int(state.get("version", 0)) + 1000
+        log.info(
+            "registry restored: placement v%s, version %d",
+            self.placement and self.placement.version,
+            self.version,
+        )
+
+    def _persist(self) -> None:
+        if not self.state_key:
+            return
+        state = {
+            "placement": self.placement.to_json() if self.placement else None,
+            "pending": self.pending.to_json() if self.pending else None,
+            "replacements": self.replacements,
+            "overrides": self.overrides,
+            "version": self.version,
+        }
+        _kv_put(self.state_key, json.dumps(state))
 
     async def register(self, info: dict[str, Any]) -> int:
+        """Adds or refreshes a replica's entry (replicas call it every second: a no-op when unchanged)."""
+        if self.entries.get(info["replica_id"]) == info:
+            return self.version
         stale = [
             rid
             for rid, e in self.entries.items()
@@ -203,6 +242,18 @@ def imbalance(loads: dict[int, float]) -> float:
         return 0.0
     mean = sum(loads.values()) / len(loads)
     return max(loads.values()) / mean if mean > 0 else 0.0
+
+
+def _kv_get(key: str) -> bytes | None:
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_get(key, namespace="emoe")
+
+
+def _kv_put(key: str, value: str) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(key, value, overwrite=True, namespace="emoe")
 
 
 async def _answers(info: dict[str, Any], timeout_s: float) -> bool:

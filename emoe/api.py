@@ -69,6 +69,7 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]  # already tokenized and validated by the frontend
     sampling: SamplingParams
     prompt_text: str = ""  # for logs and for detokenization context only
+    resume_offset: int = 0  # output tokens already sent before this request (a resumed stream)
 
 
 @dataclass

@@ -138,10 +138,14 @@ class ExpertGroupReplica:
         return out
 
     def _poll_loads(self) -> None:
-        """Every second: the cluster's group loads (for autoscaling) and the placement state (for live
-        re-placement: load the slice of a pending version, drop versions older than the active one)."""
+        """Every second: re-register (a no-op unless the registry restarted and lost us), read the
+        cluster's group loads (for autoscaling) and the placement state (for live re-placement: load the
+        slice of a pending version, drop versions older than the active one)."""
         while not self._stop.wait(1.0):
             try:
+                call(
+                    self._registry, "register", asdict(self.info), timeout_s=5
+                )  # heartbeat: restores a restarted registry
                 report = call(self._registry, "load_report", timeout_s=5)
                 self.group_loads = {int(g): float(v) for g, v in report["group_loads"].items()}
                 self.overrides = {int(g): int(v) for g, v in report.get("overrides", {}).items()}

@@ -145,7 +145,9 @@ class AsyncEngine:
             )
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_token_ids))
         detok = self.tokenizer.detokenizer(request.prompt_token_ids) if self.tokenizer else None
-        state = RequestState(request, Sampler(p), asyncio.Queue(), detok, frozenset(stops))
+        state = RequestState(
+            request, Sampler(p, request.resume_offset), asyncio.Queue(), detok, frozenset(stops)
+        )
         seq = Sequence(request.request_id, list(request.prompt_token_ids), max_tokens, state=state)
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)

@@ -10,16 +10,23 @@ __all__ = ["Sampler", "SamplingParams"]
 
 
 class Sampler:
-    """Picks the next token of one sequence from its float32 logits [V]."""
+    """Picks the next token of one sequence from its float32 logits [V].
 
-    def __init__(self, params: SamplingParams):
-        self.params = params
+    The random draw for output position i depends only on (seed, i), not on what was drawn before: a
+    request resumed elsewhere from its prompt plus the tokens already sent (`offset` of them) samples
+    exactly what the uninterrupted request would have."""
+
+    def __init__(self, params: SamplingParams, offset: int = 0):
+        self.params, self.index = params, offset
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            self.seed = params.seed if params.seed is not None else torch.seed()
 
     def __call__(self, logits: torch.Tensor) -> int:
+        index, self.index = self.index, self.index + 1
+        if self.generator is not None:
+            self.generator.manual_seed((self.seed * 1_000_003 + index) % (1 << 63))
         p = self.params
         if p.temperature == 0:
             return int(torch.argmax(logits))

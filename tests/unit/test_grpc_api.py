@@ -333,3 +333,19 @@ def test_tls(start):
         assert client.complete("Hi", max_tokens=3).usage.completion_tokens == 3
     with pytest.raises(ValueError, match="together"):
         start(tls_cert=cert)
+
+
+@pytest.mark.parametrize("method", ["Generate", "Complete", "GetModelInfo", "Cancel"])
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff\xff", b"\x0a\xff\x01", b"\x12\x05\x01", b"\x1a\x03\x08"])
+def test_malformed_protobuf_bytes_are_invalid_argument(channel, stub, method, raw):
+    path = f"/emoe.v1.Inference/{method}"
+    if method == "Generate":
+        call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            list(call(raw, timeout=10))
+    else:
+        call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            call(raw, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
+    assert_healthy(channel, stub)
