@@ -14,6 +14,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import resource
 import uuid
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ class RouterServer:
 
     async def stats(self) -> dict:
         out = self.engine.stats()
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         d = self.engine.dispatcher
         if hasattr(d, "stats"):  # remote: tokens actually sent to each group, failovers, placement in use
             out.update(
