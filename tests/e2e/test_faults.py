@@ -26,7 +26,15 @@ def faults_app(ray_cluster, demo_model):
 
     serve.shutdown()
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    cfg = dict(model=str(demo_model), groups=2, routers=2, grpc_port=0, kv_blocks=1024, admin_token="adm1n")
+    cfg = dict(
+        model=str(demo_model),
+        groups=2,
+        routers=2,
+        replicas_per_group=2,
+        grpc_port=0,
+        kv_blocks=1024,
+        admin_token="adm1n",
+    )
     handle = serve.run(build_app(cfg), name=APP, route_prefix="/faults")
     yield f"127.0.0.1:{handle.addresses.remote().result()['grpc_port']}", handle
     serve.delete(APP)
@@ -121,3 +129,56 @@ def test_registry_dies_and_comes_back_with_its_state(faults_app):
     t.join(timeout=120)
     assert state is not None and state["active_version"] == event["to_version"]
     assert errors == [] and len(ok) > served_before and all(n == 8 for n in ok)
+
+
+def test_expert_replicas_killed_every_few_seconds(faults_app, demo_model):
+    import os
+    import signal
+
+    address, handle = faults_app
+    tok = Tokenizer(demo_model)
+    prompts = [f"expert kill {i}: the river runs" for i in range(16)]
+    with Engine.from_pretrained(demo_model) as engine:
+        want = [engine.generate([tok.encode(p)], max_tokens=60, ignore_eos=True)[0] for p in prompts]
+    got: dict[int, list[int]] = {}
+    errors: list[str] = []
+
+    def run(i: int) -> None:
+        try:
+            with InferenceClient(address, timeout_s=300) as c:
+                got[i] = [
+                    t for m in c.generate(prompts[i], max_tokens=60, ignore_eos=True) for t in m.token_ids
+                ]
+        except Exception as e:  # noqa: BLE001 - the test asserts there are none
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    kills = 0
+    while any(t.is_alive() for t in threads) and kills < 4:
+        time.sleep(2.0)
+        if kills % 2 == 0:
+            ray.kill(replica_actor(f"ExpertGroup-{kills % 2}"), no_restart=True)
+        else:  # SIGKILL of a replica's worker process (pids as the replicas registered them)
+            pids = [
+                r["pid"]
+                for r in handle.ops_state.remote().result()["snapshot"]["replicas"]
+                if r["group"] == 1
+            ]
+            os.kill(next(p for p in pids if _alive(p)), signal.SIGKILL)
+        kills += 1
+    for t in threads:
+        t.join(timeout=300)
+    assert kills >= 2 and errors == []
+    assert [got[i] for i in range(16)] == want
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
