@@ -89,6 +89,7 @@ class RouterServer:
     async def stats(self) -> dict:
         out = self.engine.stats()
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["pid"] = os.getpid()
         d = self.engine.dispatcher
         if hasattr(d, "stats"):  # remote: tokens actually sent to each group, failovers, placement in use
             out.update(
