@@ -41,12 +41,12 @@ class Registry:
         self.replacements: list[dict[str, Any]] = []
         self.overrides: dict[int, int] = {}  # group -> replicas an operator asked for
         self.state_key = state_key
-        self._restore()
         self.entries: dict[str, dict[str, Any]] = {}  # replica_id -> info
         self._changed = asyncio.Event()
         self.placement = Placement.from_json(placement_json) if placement_json else None
         self.router_loads: dict[str, tuple[float, dict[int, list[float]]]] = {}  # router -> (time, loads)
         self.load_ttl_s = load_ttl_s
+        self._restore()
 
     async def set_placement(self, placement_json: str) -> None:
         self.placement = Placement.from_json(placement_json)
@@ -83,6 +83,7 @@ class Registry:
             if replicas < 0:
                 raise ValueError("replicas must be >= 0")
             self.overrides[group] = replicas
+        self._persist()
         return dict(self.overrides)
 
     async def replacements_log(self) -> list[dict[str, Any]]:

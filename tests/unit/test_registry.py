@@ -82,3 +82,25 @@ def test_wait_for_change_returns_on_register():
         return version, len(entries), Placement.from_json(placement).version
 
     assert asyncio.run(run()) == (1, 1, 0)
+
+
+def test_state_survives_a_restart(monkeypatch):
+    store: dict[str, str] = {}
+    monkeypatch.setattr("cluster.registry._kv_put", lambda k, v: store.__setitem__(k, v))
+    monkeypatch.setattr("cluster.registry._kv_get", lambda k: store.get(k))
+
+    async def run():
+        r = Registry(P0.to_json(), state_key="k")
+        await r.register(entry("a", 0))
+        await r.register(entry("b", 1))
+        await r.replace()
+        await r.register(entry("a", 0, (0, 1)))
+        await r.register(entry("b", 1, (0, 1)))
+        await r.set_override(1, 3)
+        before = r.version
+        again = Registry(P0.to_json(), state_key="k")  # the replica restarted with the same arguments
+        state = await again.placement_state()
+        return before, again.version, state["active_version"], again.overrides
+
+    before, after, version, overrides = asyncio.run(run())
+    assert version == 1 and overrides == {1: 3} and after > before
