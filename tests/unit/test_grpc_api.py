@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import logging
 import math
 import threading
 import time
@@ -349,3 +350,16 @@ def test_malformed_protobuf_bytes_are_invalid_argument(channel, stub, method, ra
             call(raw, timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
     assert_healthy(channel, stub)
+
+
+def test_tokens_never_reach_the_logs(start, caplog):
+    secret = "tok-" + "7" * 24
+    caplog.set_level(logging.DEBUG)
+    address = start(api_token=secret)
+    for token in (secret, secret + "x", None):
+        with InferenceClient(address, token=token, timeout_s=10) as client:
+            try:
+                client.complete(prompt_token_ids=[5, 6], max_tokens=2)
+            except grpc.RpcError:
+                pass
+    assert secret not in caplog.text
