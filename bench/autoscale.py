@@ -25,10 +25,12 @@ PROMPTS = ["Once upon a time", "The quick brown fox", "Hello world!", "Numbers a
 
 
 class LoadDriver:
-    """`clients` threads sending greedy requests round-robin over PROMPTS; counts failures and mismatches."""
+    """`clients` threads sending greedy requests round-robin over the prompts of `want` (prompt -> expected
+    tokens); counts successes, failures and outputs that differ from `want`."""
 
     def __init__(self, address: str, want: dict[str, list[int]], clients: int, max_tokens: int):
         self.address, self.want, self.max_tokens = address, want, max_tokens
+        self.prompts = list(want)
         self.stop = threading.Event()
         self.done = self.failed = self.mismatched = 0
         self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(clients)]
@@ -39,7 +41,7 @@ class LoadDriver:
         with InferenceClient(self.address, timeout_s=120) as client:
             n = 0
             while not self.stop.is_set():
-                prompt = PROMPTS[(i + n) % len(PROMPTS)]
+                prompt = self.prompts[(i + n) % len(self.prompts)]
                 n += 1
                 try:
                     msgs = client.generate(prompt, max_tokens=self.max_tokens, ignore_eos=True)

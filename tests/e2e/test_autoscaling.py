@@ -3,11 +3,11 @@ group stays at its minimum, and no request fails or changes its greedy output.""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
+from bench.autoscale import LoadDriver
 from emoe.demo import write_demo_model
 from emoe.tokenizer import Tokenizer
 from router import Engine
@@ -33,7 +33,6 @@ def test_hot_group_scales_up_and_back_without_failures(ray_cluster, hot_model):
     from ray import serve
 
     from cluster.app import build_app
-    from emoe.client import InferenceClient
 
     tok = Tokenizer(hot_model)
     with Engine.from_pretrained(hot_model) as engine:
@@ -58,46 +57,22 @@ def test_hot_group_scales_up_and_back_without_failures(ray_cluster, hot_model):
     )
     handle = serve.run(build_app(cfg), name="emoe-scale", route_prefix="/scale")
     address = f"127.0.0.1:{handle.addresses.remote().result()['grpc_port']}"
-    stop, failures, mismatches, done = threading.Event(), [], [], [0]
-
-    def client_loop(i: int) -> None:
-        with InferenceClient(address, timeout_s=120) as client:
-            while not stop.is_set():
-                prompt = PROMPTS[(i + done[0]) % len(PROMPTS)]
-                try:
-                    toks = [
-                        t
-                        for m in client.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
-                        for t in m.token_ids
-                    ]
-                except Exception as e:  # noqa: BLE001 - counted: the test asserts there are none
-                    failures.append(repr(e))
-                    continue
-                done[0] += 1
-                if toks != want[prompt]:
-                    mismatches.append(prompt)
-
     try:
         assert running_replicas(serve, "emoe-scale", "ExpertGroup-0") == 1
         t0 = time.monotonic()
-        workers = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(6)]
-        for w in workers:
-            w.start()
         timeline = []
         scaled_at = None
-        while time.monotonic() - t0 < 60:
-            hot, cold = (running_replicas(serve, "emoe-scale", f"ExpertGroup-{g}") for g in (0, 1))
-            timeline.append((round(time.monotonic() - t0, 1), hot, cold))
-            assert cold == 1, timeline
-            if hot >= 3:
-                scaled_at = time.monotonic() - t0
-                break
-            time.sleep(0.5)
-        assert scaled_at is not None and scaled_at <= 30, timeline
-        time.sleep(3)  # keep serving on the scaled group for a moment
-        stop.set()
-        for w in workers:
-            w.join(timeout=120)
+        with LoadDriver(address, want, clients=6, max_tokens=MAX_TOKENS) as load:
+            while time.monotonic() - t0 < 60:
+                hot, cold = (running_replicas(serve, "emoe-scale", f"ExpertGroup-{g}") for g in (0, 1))
+                timeline.append((round(time.monotonic() - t0, 1), hot, cold))
+                assert cold == 1, timeline
+                if hot >= 3:
+                    scaled_at = time.monotonic() - t0
+                    break
+                time.sleep(0.5)
+            assert scaled_at is not None and scaled_at <= 30, timeline
+            time.sleep(3)  # keep serving on the scaled group for a moment
         t1 = time.monotonic()
         while running_replicas(serve, "emoe-scale", "ExpertGroup-0") > 1 and time.monotonic() - t1 < 60:
             time.sleep(0.5)
@@ -105,10 +80,9 @@ def test_hot_group_scales_up_and_back_without_failures(ray_cluster, hot_model):
         assert running_replicas(serve, "emoe-scale", "ExpertGroup-0") == 1
         assert back_after >= 5.0  # not before the downscale delay
         assert running_replicas(serve, "emoe-scale", "ExpertGroup-1") == 1
-        assert failures == [] and mismatches == [] and done[0] > 10
+        assert load.failed == 0 and load.mismatched == 0 and load.done > 10
         print(
-            f"scaled to 3 in {scaled_at:.1f}s, back to 1 {back_after:.1f}s after the load, {done[0]} requests"
+            f"scaled to 3 in {scaled_at:.1f}s, back to 1 {back_after:.1f}s after the load, {load.done} requests"
         )
     finally:
-        stop.set()
         serve.delete("emoe-scale")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
+from bench.autoscale import LoadDriver
 from emoe.demo import write_demo_model
 from emoe.tokenizer import Tokenizer
 from router import Engine
@@ -35,7 +35,6 @@ def test_replacement_balances_groups_live(ray_cluster, hot_model):
     from ray import serve
 
     from cluster.app import build_app
-    from emoe.client import InferenceClient
 
     tok = Tokenizer(hot_model)
     with Engine.from_pretrained(hot_model) as engine:
@@ -47,50 +46,25 @@ def test_replacement_balances_groups_live(ray_cluster, hot_model):
     cfg = dict(model=str(hot_model), groups=4, transport="grpc", grpc_port=0, admin_token="adm1n")
     handle = serve.run(build_app(cfg), name="emoe-replace", route_prefix="/replace")
     address = f"127.0.0.1:{handle.addresses.remote().result()['grpc_port']}"
-    stop, failures, mismatches, done = threading.Event(), [], [], [0]
-
-    def client_loop(i: int) -> None:
-        with InferenceClient(address, timeout_s=120) as client:
-            while not stop.is_set():
-                prompt = PROMPTS[(i + done[0]) % len(PROMPTS)]
-                try:
-                    toks = [
-                        t
-                        for m in client.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
-                        for t in m.token_ids
-                    ]
-                except Exception as e:  # noqa: BLE001 - counted: the test asserts there are none
-                    failures.append(repr(e))
-                    continue
-                done[0] += 1
-                if toks != want[prompt]:
-                    mismatches.append(prompt)
-
-    workers = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(4)]
     try:
-        for w in workers:
-            w.start()
-        time.sleep(3)
-        before = measured_imbalance(handle, 4)
-        assert before >= 2.5, before
-        with pytest.raises(Exception, match="admin token"):
-            handle.admin_replace.remote("wrong").result()
-        event = handle.admin_replace.remote("adm1n").result()
-        assert event["to_version"] == 1 and event["imbalance_predicted"] <= 1.3
-        deadline = time.monotonic() + 90
-        while handle.placement_state.remote().result()["active_version"] != 1:
-            assert time.monotonic() < deadline, "re-placement did not activate"
-            time.sleep(0.5)
-        while handle.router_stats.remote().result()["placement_version"] != 1:
-            assert time.monotonic() < deadline, "router did not switch"
-            time.sleep(0.2)
-        after = measured_imbalance(handle, 4)
-        stop.set()
-        for w in workers:
-            w.join(timeout=120)
+        with LoadDriver(address, want, clients=4, max_tokens=MAX_TOKENS) as load:
+            time.sleep(3)
+            before = measured_imbalance(handle, 4)
+            assert before >= 2.5, before
+            with pytest.raises(Exception, match="admin token"):
+                handle.admin_replace.remote("wrong").result()
+            event = handle.admin_replace.remote("adm1n").result()
+            assert event["to_version"] == 1 and event["imbalance_predicted"] <= 1.3
+            deadline = time.monotonic() + 90
+            while handle.placement_state.remote().result()["active_version"] != 1:
+                assert time.monotonic() < deadline, "re-placement did not activate"
+                time.sleep(0.5)
+            while handle.router_stats.remote().result()["placement_version"] != 1:
+                assert time.monotonic() < deadline, "router did not switch"
+                time.sleep(0.2)
+            after = measured_imbalance(handle, 4)
         assert after <= 1.3, (before, after)
-        assert failures == [] and mismatches == [] and done[0] > 5
-        print(f"imbalance {before:.2f} -> {after:.2f}, {done[0]} requests, 0 failed")
+        assert load.failed == 0 and load.mismatched == 0 and load.done > 5
+        print(f"imbalance {before:.2f} -> {after:.2f}, {load.done} requests, 0 failed")
     finally:
-        stop.set()
         serve.delete("emoe-replace")
