@@ -32,8 +32,13 @@ class Registry:
         replace_threshold: float | None = None,
         replace_after_s: float = 10.0,
         state_key: str | None = None,
+        entry_ttl_s: float = 15.0,
     ):
         self.version = 0
+        self.entry_ttl_s = entry_ttl_s
+        self.last_seen: dict[
+            str, float
+        ] = {}  # replica_id -> last register (replicas re-register every second)
         self.pending: Placement | None = None
         self.replace_threshold, self.replace_after_s = replace_threshold, replace_after_s
         self._imbalanced_since: float | None = None
@@ -128,6 +133,7 @@ class Registry:
 
     async def register(self, info: dict[str, Any]) -> int:
         """Adds or refreshes a replica's entry (replicas call it every second: a no-op when unchanged)."""
+        self.last_seen[info["replica_id"]] = time.monotonic()
         if self.entries.get(info["replica_id"]) == info:
             return self.version
         stale = [
@@ -202,6 +208,7 @@ class Registry:
                 self._imbalanced_since = None
 
     async def deregister(self, replica_id: str) -> int:
+        self.last_seen.pop(replica_id, None)
         if self.entries.pop(replica_id, None) is not None:
             self._bump()
         return self.version
@@ -217,13 +224,26 @@ class Registry:
         await self.deregister(replica_id)
         return False
 
+    def _expire(self) -> None:
+        """Drops entries whose replica stopped re-registering (killed without a chance to deregister)."""
+        now = time.monotonic()
+        dead = [rid for rid in self.entries if now - self.last_seen.get(rid, now) > self.entry_ttl_s]
+        for rid in dead:
+            log.info("replica %s silent for %.0fs: deregistered", rid, self.entry_ttl_s)
+            self.entries.pop(rid)
+            self.last_seen.pop(rid, None)
+        if dead:
+            self._bump()
+
     async def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        self._expire()
         return self.version, list(self.entries.values())
 
     async def wait_for_change(
         self, known_version: int, timeout_s: float = 5.0
     ) -> tuple[int, list[dict], str | None]:
         """Long poll: (version, entries, active placement JSON) once the version moves past `known_version`."""
+        self._expire()
         if known_version == self.version:
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)

@@ -104,3 +104,16 @@ def test_state_survives_a_restart(monkeypatch):
 
     before, after, version, overrides = asyncio.run(run())
     assert version == 1 and overrides == {1: 3} and after > before
+
+
+def test_silent_replicas_expire():
+    async def run():
+        r = Registry(P0.to_json(), entry_ttl_s=0.2)
+        await r.register(entry("a", 0))
+        await r.register(entry("b", 1))
+        await asyncio.sleep(0.3)
+        await r.register(entry("b", 1))  # b keeps its heartbeat, a was killed
+        _, entries = await r.snapshot()
+        return [e["replica_id"] for e in entries]
+
+    assert asyncio.run(run()) == ["b"]
