@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from emoe.wire import DTYPE_NAMES
 from router.dispatch import DispatchContext
 from router.remote import RemoteDispatcher
 from router.transports import GRPC, DistTransport
@@ -23,7 +24,6 @@ from router.transports import GRPC, DistTransport
 log = logging.getLogger(__name__)
 
 NAMESPACE = "emoe"
-DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
@@ -74,7 +74,7 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
             str(ctx.path),
             g,
             ctx.placement.to_json(),
-            DTYPE_NAMES[str(ctx.dtype)],
+            DTYPE_NAMES[ctx.dtype],
             registry,
             "127.0.0.1",
             torch_threads,

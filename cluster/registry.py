@@ -53,9 +53,6 @@ class Registry:
         self.load_ttl_s = load_ttl_s
         self._restore()
 
-    async def set_placement(self, placement_json: str) -> None:
-        self.placement = Placement.from_json(placement_json)
-
     async def publish_load(self, router_id: str, loads: dict[int, list[float]]) -> None:
         """A router's tokens/s per (layer, expert) over its window: {layer: [tokens/s of expert e]}."""
         self.router_loads[router_id] = (time.monotonic(), {int(k): v for k, v in loads.items()})

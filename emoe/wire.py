@@ -34,6 +34,11 @@ class WireLimits:
 
 
 DEFAULT_LIMITS = WireLimits()
+# message size limits of both ends of the gRPC data plane, set explicitly
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", DEFAULT_LIMITS.max_message_bytes),
+    ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_message_bytes),
+]
 
 
 def encode(t: torch.Tensor) -> pb.WireTensor:

@@ -26,14 +26,13 @@ from emoe.checkpoint import Checkpoint
 from emoe.handles import call, call_in_thread
 from emoe.placement import Placement
 from emoe.spec import ModelSpec
+from emoe.wire import WIRE_DTYPES
 from experts.dist_server import DistExpertServer
 from experts.server import ExpertServicer, GrpcExpertServer
 from experts.service import ExpertGroupCore
 from experts.store import ExpertStore
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class ExpertGroupReplica:
         spec = ModelSpec.from_pretrained(model_path)
         ckpt = Checkpoint(model_path, spec)
         try:
-            store = ExpertStore.from_checkpoint(ckpt, spec, placement.groups[group], DTYPES[dtype])
+            store = ExpertStore.from_checkpoint(ckpt, spec, placement.groups[group], WIRE_DTYPES[dtype])
         finally:
             ckpt.close()
         store.to(self.device)
@@ -86,7 +85,7 @@ class ExpertGroupReplica:
         # "node": listen on every interface, advertise this node's IP (routers on other nodes must reach it)
         bind, advertise = ("0.0.0.0", ray.util.get_node_ip_address()) if host == "node" else (host, host)
         self.grpc = GrpcExpertServer(
-            ExpertServicer(self.core, self.replica_id, DTYPES[dtype]), bind, advertise
+            ExpertServicer(self.core, self.replica_id, WIRE_DTYPES[dtype]), bind, advertise
         )
         self.dist = DistExpertServer(self.core, bind, advertise=advertise)
         self.info = ReplicaInfo(
@@ -104,7 +103,7 @@ class ExpertGroupReplica:
             pid=os.getpid(),
             placement_versions=(placement.version,),
         )
-        self._model_path, self._spec, self._dtype = model_path, spec, DTYPES[dtype]
+        self._model_path, self._spec, self._dtype = model_path, spec, WIRE_DTYPES[dtype]
         self._active_seen: tuple[int, float] | None = None
         self._registry = registry
         self.group_loads: dict[int, float] = {}

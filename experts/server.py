@@ -14,14 +14,10 @@ import torch
 
 from emoe.v1 import expert_pb2 as pb
 from emoe.v1 import expert_pb2_grpc as pb_grpc
-from emoe.wire import DEFAULT_LIMITS, DTYPE_NAMES, WireError, decode, encode
+from emoe.wire import DTYPE_NAMES, GRPC_OPTIONS, WireError, decode, encode
 from experts.service import ExpertGroupCore, PlacementMismatch
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", DEFAULT_LIMITS.max_message_bytes),
-    ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_message_bytes),
-    ("grpc.so_reuseport", 0),
-]
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
@@ -79,7 +75,7 @@ class GrpcExpertServer:
         self._loop.run_forever()
 
     async def _serve(self) -> None:
-        self._server = grpc.aio.server(options=GRPC_OPTIONS)
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, self._server)
         self.port = self._server.add_insecure_port(f"{self.host}:0")
         await self._server.start()

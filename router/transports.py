@@ -18,13 +18,9 @@ import torch
 from emoe import p2p
 from emoe.v1 import expert_pb2 as pb
 from emoe.v1 import expert_pb2_grpc as pb_grpc
-from emoe.wire import DEFAULT_LIMITS, WireError, decode, encode
+from emoe.wire import GRPC_OPTIONS, WireError, decode, encode
 from router.remote import Transport, TransportError
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", DEFAULT_LIMITS.max_message_bytes),
-    ("grpc.max_receive_message_length", DEFAULT_LIMITS.max_message_bytes),
-]
 NOT_RETRIED = (grpc.StatusCode.INVALID_ARGUMENT,)
 
 
