@@ -70,6 +70,7 @@ class RouterServer:
             block_size=cfg.block_size,
             max_batch_tokens=cfg.max_batch_tokens,
             max_num_seqs=cfg.max_num_seqs,
+            micro_batches=cfg.micro_batches,
             max_queue=cfg.max_queue,
             max_context=max_context,
         )

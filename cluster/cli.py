@@ -3,6 +3,7 @@
 emoe demo-model DIR [--preset demo|bench-small] [--seed N] [--hot-experts 3,7]
 emoe generate "text" [--model DIR] [--max-tokens N] [--temperature T] [--seed N] [--groups G]
 emoe demo                      # creates the demo model if missing and generates in process
+emoe bench [options]           # performance: transformers vs in-process vs cluster (bench/perf.py)
 """
 
 from __future__ import annotations
@@ -101,11 +102,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
 
 
+BENCHES = ("perf", "autoscale", "dataplane")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "autoscale":
         from bench.autoscale import main as bench_main
-    else:
+    elif args.which == "dataplane":
         from bench.dataplane import main as bench_main
+    else:
+        from bench.perf import main as bench_main
     return bench_main(args.rest)
 
 
@@ -161,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the ops state of a running application, as a table")
     p.add_argument("--address", default="http://127.0.0.1:8000", help="HTTP address of the application")
     p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("bench", help="benchmarks: autoscale | dataplane (arguments pass through)")
-    p.add_argument("which", choices=["autoscale", "dataplane"])
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: [perf] (the default: throughput, TTFT, TPOT against transformers and the roofline) "
+        "| autoscale | dataplane; arguments pass through (emoe bench --help, emoe bench autoscale --help)",
+    )
+    p.add_argument("which", choices=BENCHES)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("demo", help="create the demo model if missing and generate a few completions")
@@ -172,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench" and (len(argv) == 1 or argv[1] not in BENCHES):
+        argv.insert(1, "perf")  # `emoe bench [options]` is the performance benchmark
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

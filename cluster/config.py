@@ -43,6 +43,13 @@ class AppConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=1024)
     max_batch_tokens: int = Field(512, ge=1, description="token budget of one engine step")
     max_num_seqs: int = Field(64, ge=1, description="sequences in one engine step")
+    micro_batches: int = Field(
+        1,
+        ge=1,
+        le=2,
+        description="2: ping-pong, a step as two micro-batches so one's attention overlaps the other's expert "
+        "calls (pays where the experts have their own GPUs or hosts; costs a second read of expert weights)",
+    )
     max_queue: int = Field(256, ge=0, description="waiting requests per router before RESOURCE_EXHAUSTED")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
     max_context: int | None = Field(None, ge=2, description="prompt + output limit (default: the model's)")

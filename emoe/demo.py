@@ -161,15 +161,18 @@ def write_demo_model(
     seed: int = 0,
     dtype: str = "float32",
     hot_experts: Sequence[int] = (),
+    **overrides,
 ) -> Path:
-    """Writes the demo checkpoint and tokenizer into `out_dir` (created if needed); returns the path."""
+    """Writes the demo checkpoint and tokenizer into `out_dir` (created if needed); returns the path.
+
+    `overrides` replace config fields of the preset (e.g. `num_local_experts=256` for a scaling sweep)."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"unsupported dtype {dtype!r}; choices: {', '.join(dtypes)}")
     torch_dtype = dtypes[dtype]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(preset, torch_dtype=dtype)
+    cfg = demo_config(preset, torch_dtype=dtype, **overrides)
     spec = ModelSpec.from_config(cfg)
     bad = [e for e in hot_experts if not 0 <= e < spec.num_experts]
     if bad:

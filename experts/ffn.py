@@ -7,6 +7,8 @@ An expert id of -1 marks a (token, k) pair that belongs to another group: it con
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -18,27 +20,100 @@ def expert_ffn_grouped(
     w_gate_up: torch.Tensor,  # [E, 2I, H]
     w_down: torch.Tensor,  # [E, H, I]
 ) -> torch.Tensor:  # [n, H]
-    """Grouped compute: (token, k) pairs sorted by expert, one matmul pair per expert that has tokens."""
-    n, k = ids.shape
-    flat = ids.reshape(-1)  # [n*k]
-    pairs = (flat >= 0).nonzero().squeeze(1)  # [P] positions of pairs routed here
-    expert_of = flat[pairs]  # [P]
-    expert_of, order = torch.sort(expert_of, stable=True)
-    pairs = pairs[order]  # [P] sorted by expert
-    token_of = pairs // k  # [P]
-    counts = torch.bincount(expert_of, minlength=w_gate_up.shape[0]).tolist()
-    xs = x.index_select(0, token_of)  # [P, H]
-    ys = torch.empty_like(xs)  # [P, H]
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        seg = xs[start : start + c]  # [c, H]
-        gate, up = F.linear(seg, w_gate_up[e]).chunk(2, dim=-1)  # [c, I] each
-        ys[start : start + c] = F.linear(F.silu(gate) * up, w_down[e])
-        start += c
+    """Grouped compute: (token, k) pairs sorted by expert, then either one padded batched matmul pair over
+    every expert (when most experts have tokens and padding wastes little: decode at a moderate batch), or
+    one matmul pair per expert that has tokens (few experts touched, or very uneven counts: prefill)."""
+    pairs, token_of, expert_of, counts, xs = _sort_pairs(x, ids, w_gate_up.shape[0])
+    if use_padded(counts, pairs.numel()):
+        ys = _ffn_padded(xs, expert_of, counts, w_gate_up, w_down)
+    else:
+        segments = xs.split(counts.tolist())  # per expert, views (sorted by expert)
+        ys = _cat([_ffn(seg, w_gate_up[e], w_down[e]) for e, seg in enumerate(segments) if seg.shape[0]], xs)
     ys *= weights.reshape(-1)[pairs].unsqueeze(1).to(ys.dtype)
     return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+def expert_ffn_packed(
+    x: torch.Tensor,  # [n, H]
+    ids: torch.Tensor,  # [n, k]
+    weights: torch.Tensor,  # [n, k]
+    packed: PackedExperts,
+) -> torch.Tensor:  # [n, H]
+    """As `expert_ffn_grouped`, over weights pre-packed in oneDNN's blocked layout (CPU, bfloat16): one
+    matmul pair per expert with tokens; about 1.6x the plain kernels' speed at decode batch sizes."""
+    pairs, token_of, _, counts, xs = _sort_pairs(x, ids, len(packed.gate_up))
+    lin = torch.ops.mkldnn._linear_pointwise
+    outs = []
+    for e, seg in enumerate(xs.split(counts.tolist())):
+        if seg.shape[0]:
+            gate, up = lin(seg, packed.gate_up[e], None, "none", [], "").chunk(2, dim=-1)
+            outs.append(lin(F.silu(gate).mul_(up), packed.down[e], None, "none", [], ""))
+    ys = _cat(outs, xs)
+    ys *= weights.reshape(-1)[pairs].unsqueeze(1).to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+class PackedExperts:
+    """One layer's experts in oneDNN's blocked layout: a [2I, H] and an [H, I] opaque tensor per expert."""
+
+    def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, batch_hint: int = 4):
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self.gate_up = [reorder(w.contiguous(), batch_hint) for w in w_gate_up]
+        self.down = [reorder(w.contiguous(), batch_hint) for w in w_down]
+
+
+def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """oneDNN packed bf16 kernels: CPU with native bf16 (AVX512-BF16 / AMX); EMOE_PACKED_EXPERTS=0 disables."""
+    if os.environ.get("EMOE_PACKED_EXPERTS", "1") == "0":
+        return False
+    if dtype != torch.bfloat16 or device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _sort_pairs(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
+    """(pairs [P], token_of [P], expert_of [P], counts [E], xs [P, H]): the routed (token, k) pairs sorted
+    by expert, each pair's token row gathered."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)  # [n*k]
+    pairs = (flat >= 0).nonzero().squeeze(1)  # [P] positions of pairs routed here
+    expert_of, order = torch.sort(flat[pairs], stable=True)
+    pairs = pairs[order]  # [P] sorted by expert
+    token_of = pairs // k  # [P]
+    counts = torch.bincount(expert_of, minlength=num_experts)  # [E]
+    return pairs, token_of, expert_of, counts, x.index_select(0, token_of)
+
+
+def _cat(outs: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if not outs:
+        return like.new_empty(like.shape)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def use_padded(counts: torch.Tensor, num_pairs: int) -> bool:
+    """Padded [E, max count] batches: when >= 3/4 of the experts have tokens (every expert's weights are
+    read anyway) and the padding at most doubles the rows, or the largest count is small (memory-bound)."""
+    num_experts = counts.shape[0]
+    if num_pairs == 0 or int((counts > 0).sum()) * 4 < 3 * num_experts:
+        return False
+    most = int(counts.max())
+    return most <= 16 or num_experts * most <= 2 * num_pairs
+
+
+def _ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)  # [c, I] each
+    return F.linear(F.silu(gate).mul_(up), w_down)
+
+
+def _ffn_padded(xs, expert_of, counts, w_gate_up, w_down) -> torch.Tensor:
+    """xs [P, H] sorted by expert -> [P, H], through [E, max count, H] zero-padded batches."""
+    starts = torch.cumsum(counts, 0) - counts  # [E]
+    rank = torch.arange(xs.shape[0], device=xs.device) - starts[expert_of]  # [P] row within its expert
+    buf = xs.new_zeros(counts.shape[0], int(counts.max()), xs.shape[1])  # [E, C, H]
+    buf[expert_of, rank] = xs
+    gate, up = torch.bmm(buf, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [E, C, I] each
+    y = torch.bmm(F.silu(gate).mul_(up), w_down.transpose(1, 2))  # [E, C, H]
+    return y[expert_of, rank]
 
 
 def expert_ffn_reference(

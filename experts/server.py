@@ -26,16 +26,36 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     async def Forward(self, request: pb.ExpertForwardRequest, context) -> pb.ExpertForwardResponse:
         try:
-            hidden = decode(request.hidden, "hidden", dtypes=("float32", "bfloat16", "float16"))
-            ids = decode(request.local_ids, "local_ids", dtypes=("int32", "int64"))
-            weights = decode(request.weights, "weights", dtypes=("float32",))
-            # inline: a thread hop costs more than the compute of a typical call; calls are serialized
-            out = self.core.forward(request.layer, request.placement_version, hidden, ids, weights)
+            out = self._forward(request)
         except PlacementMismatch as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except (WireError, ValueError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.ExpertForwardResponse(output=encode(out))
+
+    async def ForwardStream(self, request_iterator, context):
+        """One response per request, in order; a refused request answers with an error, the stream goes on."""
+        async for request in request_iterator:
+            try:
+                out = self._forward(request)
+            except PlacementMismatch as e:
+                yield pb.ExpertForwardResponse(
+                    call_id=request.call_id, error_code="FAILED_PRECONDITION", error=str(e)
+                )
+                continue
+            except (WireError, ValueError) as e:
+                yield pb.ExpertForwardResponse(
+                    call_id=request.call_id, error_code="INVALID_ARGUMENT", error=str(e)
+                )
+                continue
+            yield pb.ExpertForwardResponse(call_id=request.call_id, output=encode(out))
+
+    def _forward(self, request: pb.ExpertForwardRequest) -> torch.Tensor:
+        hidden = decode(request.hidden, "hidden", dtypes=("float32", "bfloat16", "float16"))
+        ids = decode(request.local_ids, "local_ids", dtypes=("int32", "int64"))
+        weights = decode(request.weights, "weights", dtypes=("float32",))
+        # inline: a thread hop costs more than the compute of a typical call; calls are serialized
+        return self.core.forward(request.layer, request.placement_version, hidden, ids, weights)
 
     async def Info(self, request, context) -> pb.ExpertInfo:
         store = self.core.store

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from emoe.checkpoint import Checkpoint
 from emoe.layout import expert_keys
 from emoe.spec import ModelSpec
-from experts.ffn import expert_ffn_grouped
+from experts.ffn import PackedExperts, expert_ffn_grouped, expert_ffn_packed, packing_supported
 
 
 class ExpertStore:
@@ -30,6 +31,10 @@ class ExpertStore:
         self.down = dict(down)
         for layer, ids in self.slots.items():
             assert self.gate_up[layer].shape[0] == len(ids) == self.down[layer].shape[0]
+        # CPU bf16: each layer's weights are re-laid out for oneDNN on its first forward, and the plain
+        # copy dropped (kept as a "meta" tensor of the same shape, for nbytes and checks)
+        self.packed: dict[int, PackedExperts] = {}
+        self._pack_lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(
@@ -56,6 +61,8 @@ class ExpertStore:
         return cls(slots, gate_up, down)
 
     def to(self, device: torch.device) -> ExpertStore:
+        if self.packed:
+            raise RuntimeError("ExpertStore.to() after its weights were packed for oneDNN")
         self.gate_up = {layer: t.to(device) for layer, t in self.gate_up.items()}
         self.down = {layer: t.to(device) for layer, t in self.down.items()}
         return self
@@ -77,8 +84,21 @@ class ExpertStore:
             raise ValueError(
                 f"local expert id {int(local_ids.max())} out of range for layer {layer} ({n} slots)"
             )
+        packed = self.packed.get(layer) or self._pack(layer)
+        if packed is not None:
+            return expert_ffn_packed(x.to(torch.bfloat16).contiguous(), local_ids, weights, packed)
         w_gu, w_d = self.gate_up[layer], self.down[layer]
         return expert_ffn_grouped(x.to(w_gu.dtype), local_ids, weights, w_gu, w_d)
+
+    def _pack(self, layer: int) -> PackedExperts | None:
+        w_gu, w_d = self.gate_up[layer], self.down[layer]
+        if w_gu.device.type == "meta" or not packing_supported(w_gu.dtype, w_gu.device) or not len(w_gu):
+            return self.packed.get(layer)
+        with self._pack_lock:
+            if layer not in self.packed:
+                self.packed[layer] = PackedExperts(w_gu, w_d)
+                self.gate_up[layer], self.down[layer] = w_gu.to("meta"), w_d.to("meta")
+            return self.packed[layer]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.gate_up.values(), *self.down.values()])

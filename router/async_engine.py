@@ -25,9 +25,9 @@ from emoe.api import GenerateChunk, GenerateRequest, Overloaded, UnknownRequest
 from emoe.metrics import Histogram
 from emoe.spec import ModelSpec
 from emoe.tokenizer import IncrementalDetokenizer, Tokenizer
-from router.attention import Segment
+from router.attention import Segment, Segments
 from router.dispatch import Dispatcher
-from router.kv_cache import KVPool, PagedSequenceCache
+from router.kv_cache import KVPool, PagedDecode, PagedSequenceCache
 from router.model import RouterModel
 from router.sampling import Sampler
 from router.scheduler import BlockManager, Scheduler, Sequence, Status
@@ -43,6 +43,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_queue: int = 256  # waiting requests beyond this are refused (Overloaded)
     max_context: int = 4096
+    # 2 = ping-pong: a step's sequences run as two micro-batches whose layers interleave, so one's attention
+    # runs while the other's tokens are at the (remote) experts. Each expert group then reads its weights
+    # twice per step, so it pays only where the experts are elsewhere and the router's work is comparable.
+    micro_batches: int = 1
 
 
 @dataclass
@@ -82,6 +86,7 @@ class AsyncEngine:
         self.ttft, self.tpot, self.e2e = Histogram(), Histogram(), Histogram()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.on_step = None  # optional callable(seconds, chunks) after each step (benchmarks)
 
     # ---- public --------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -194,21 +199,15 @@ class AsyncEngine:
             await asyncio.sleep(0)  # let streams and new requests in between steps
 
     async def _step(self, chunks) -> None:
+        t0 = time.perf_counter()
         self.in_flight = {c.seq for c in chunks}
         begin = getattr(self.dispatcher, "begin_step", None)
         if begin is not None:
             begin()
-        segments, tokens, start = [], [], 0
-        for c in chunks:
-            cache = PagedSequenceCache(self.pool, c.seq.block_table, c.start)
-            segments.append(Segment(cache, start, c.n, c.start))
-            tokens.extend(c.seq.token_slice(c.start, c.n))
-            start += c.n
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
         with torch.inference_mode():
-            h = await self.model.forward(ids, segments, self.dispatcher)  # [T, H]
-            last = [s.start + s.n - 1 for s, c in zip(segments, chunks, strict=True) if c.samples]
-            logits = self.model.logits(h[last]) if last else None  # [B, V]
+            parts = await asyncio.gather(*(self._forward(part) for part in self._split(chunks)))
+            rows = [lg for lg in parts if lg is not None]
+            logits = torch.cat(rows) if len(rows) > 1 else (rows[0] if rows else None)  # [B, V]
         self.steps += 1
         row = 0
         for c in chunks:
@@ -218,6 +217,34 @@ class AsyncEngine:
                 row += 1
             elif c.seq.state.done:
                 self._release(c.seq)
+        if self.on_step is not None:
+            self.on_step(time.perf_counter() - t0, chunks)
+
+    def _split(self, chunks) -> list:
+        """The step's chunks as 1 or 2 contiguous micro-batches of about equal tokens."""
+        if self.config.micro_batches < 2 or len(chunks) < 2:
+            return [chunks]
+        total, acc = sum(c.n for c in chunks), 0
+        for i, c in enumerate(chunks[:-1]):
+            acc += c.n
+            if acc * 2 >= total:
+                return [chunks[: i + 1], chunks[i + 1 :]]
+        return [chunks[:-1], chunks[-1:]]
+
+    async def _forward(self, chunks) -> torch.Tensor | None:
+        """One micro-batch: forward over its chunks, flattened; logits [b, V] of the chunks that sample."""
+        segments, tokens, start = Segments(), [], 0
+        for c in chunks:
+            cache = PagedSequenceCache(self.pool, c.seq.block_table, c.start)
+            segments.append(Segment(cache, start, c.n, c.start))
+            tokens.extend(c.seq.token_slice(c.start, c.n))
+            start += c.n
+        if len(chunks) > 1 and all(c.n == 1 for c in chunks):
+            segments.decode = PagedDecode(self.pool, [s.cache for s in segments])
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
+        h = await self.model.forward(ids, segments, self.dispatcher)  # [T, H]
+        last = [s.start + s.n - 1 for s, c in zip(segments, chunks, strict=True) if c.samples]
+        return self.model.logits(h[last]) if last else None
 
     def _on_token(self, seq: Sequence, logits: torch.Tensor) -> None:
         state: RequestState = seq.state

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from emoe.spec import ModelSpec
-from router.kv_cache import SequenceCache
-from router.layers import Rope, rms_norm
+from router.kv_cache import PagedDecode, SequenceCache
+from router.layers import Linear, Rope, fused, rms_norm
 
 
 @dataclass
@@ -25,6 +25,13 @@ class Segment:
     start: int
     n: int
     past: int
+
+
+class Segments(list):
+    """A step's segments. `decode` is set when each is one new position of a paged cache (a decode step):
+    attention then runs once over the whole batch instead of once per sequence."""
+
+    decode: PagedDecode | None = None
 
 
 def _mask(n: int, past: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -49,6 +56,40 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float)
     return out.transpose(0, 1).reshape(q.shape[0], -1)
 
 
+def _sdpa_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decode: PagedDecode, window: int | None, scale: float
+) -> torch.Tensor:
+    """q [B, N, D], k [B, L, Nkv, D], v [B, L, Nkv, Dv] (padded, `decode.valid`) -> [B, N * Dv]."""
+    b, n, d = q.shape
+    length, nkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    mask = decode.valid  # [B, L]
+    if window is not None:
+        k_pos = torch.arange(length, device=mask.device).unsqueeze(0)
+        mask = mask & (k_pos > decode.positions.unsqueeze(1) - window)
+    if q.device.type != "cpu":
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )  # [B, N, 1, Dv]
+        return out.reshape(b, -1)
+    # CPU: two batched matmuls over (sequence, kv head), each kv head's query heads as rows; several times
+    # faster here than SDPA's kernels for a single query position
+    rep = n // nkv
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    bias = bias.repeat_interleave(nkv, dim=0).unsqueeze(1)  # [B * Nkv, 1, L]
+    kk = k.transpose(1, 2).reshape(b * nkv, length, d)
+    vv = v.transpose(1, 2).reshape(b * nkv, length, dv)
+    scores = torch.baddbmm(
+        bias, q.reshape(b * nkv, rep, d), kk.transpose(1, 2), alpha=scale
+    )  # [B*Nkv, rep, L]
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.bmm(probs, vv).reshape(b, n * dv)
+
+
 def _per_segment(
     x: torch.Tensor,
     segments: list[Segment],
@@ -66,15 +107,17 @@ class GQAAttention:
         p = f"model.layers.{layer}.self_attn"
         opt = _optional(get)
         self.layer, self.spec, self.rope = layer, spec, rope
-        self.wq, self.wk, self.wv, self.wo = (get(f"{p}.{n}_proj.weight") for n in "qkvo")
-        self.bq, self.bk, self.bv = (opt(f"{p}.{n}_proj.bias", spec.qkv_bias) for n in "qkv")
-        self.bo = opt(f"{p}.o_proj.bias", spec.o_bias)
+        wq, wk, wv, wo = (get(f"{p}.{n}_proj.weight") for n in "qkvo")
+        bq, bk, bv = (opt(f"{p}.{n}_proj.bias", spec.qkv_bias) for n in "qkv")
+        self.qkv = Linear(fused(wq, wk, wv), fused(bq, bk, bv))  # q, k and v in one projection
+        self.qkv_sizes = (wq.shape[0], wk.shape[0], wv.shape[0])
+        self.o = Linear(wo, opt(f"{p}.o_proj.bias", spec.o_bias))
         self.q_norm = opt(f"{p}.q_norm.weight", spec.qk_norm is not None)
         self.k_norm = opt(f"{p}.k_norm.weight", spec.qk_norm is not None)
 
     def __call__(self, x: torch.Tensor, cos_sin, segments: list[Segment]) -> torch.Tensor:
         s, t = self.spec, x.shape[0]
-        q, k, v = F.linear(x, self.wq, self.bq), F.linear(x, self.wk, self.bk), F.linear(x, self.wv, self.bv)
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
         if s.qk_norm == "full":  # RMSNorm over the whole projection (MiniMax-M2)
             q, k = rms_norm(q, self.q_norm, s.rms_norm_eps), rms_norm(k, self.k_norm, s.rms_norm_eps)
         q = q.view(t, s.num_heads, s.head_dim)  # [T, N, D]
@@ -85,13 +128,19 @@ class GQAAttention:
         cos, sin = cos_sin
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
 
+        decode = getattr(segments, "decode", None)
+        if decode is not None:  # one position per sequence: the whole batch at once
+            kk, vv = decode.append_and_read(self.layer, k, v)  # [B, L, Nkv, D]
+            out = _sdpa_decode(q, kk, vv, decode, s.sliding_window, s.attn_scale)
+            return self.o(out)
+
         def one(seg: Segment, mask) -> torch.Tensor:
             sl = slice(seg.start, seg.start + seg.n)
             kk, vv = seg.cache.append(self.layer, k[sl], v[sl])
             return _sdpa(q[sl], kk, vv, mask, s.attn_scale)
 
         out = _per_segment(x, segments, s.sliding_window, one)  # [T, N * D]
-        return F.linear(out, self.wo, self.bo)
+        return self.o(out)
 
 
 class MLAAttention:

@@ -103,3 +103,41 @@ class PagedSequenceCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+
+class PagedDecode:
+    """A decode step over paged caches: each of B sequences adds one position, attention reads all at once.
+
+    Built once per step (the slot indices are the same for every layer): `new_slots` [B] where each new
+    position goes, `index` [B, L] the pool slots of each sequence's positions padded to the longest, `valid`
+    [B, L] which of them are real, `positions` [B] the new positions.
+    """
+
+    def __init__(self, pool: KVPool, caches: list[PagedSequenceCache]):
+        self.pool = pool
+        lengths = torch.tensor([c.length + 1 for c in caches])  # [B] after this step's position
+        longest = int(lengths.max())
+        bs = pool.block_size
+        width = (longest + bs - 1) // bs
+        tables = torch.zeros(len(caches), width, dtype=torch.long)  # padded with block 0, masked below
+        for i, c in enumerate(caches):
+            t = c._table[:width]
+            tables[i, : t.shape[0]] = t
+        pos = torch.arange(longest)  # [L]
+        self.index = tables[:, pos // bs] * bs + pos % bs  # [B, L]
+        self.valid = pos.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
+        self.positions = lengths - 1  # [B]
+        self.new_slots = self.index.gather(1, self.positions.unsqueeze(1)).squeeze(1)  # [B]
+        self._device = None
+
+    def append_and_read(self, layer: int, *new: torch.Tensor) -> list[torch.Tensor]:
+        """new: each [B, ...], one position per sequence; returns each [B, L, ...] (padding unmasked)."""
+        bufs = self.pool.storage(layer, new)
+        dev = bufs[0].device
+        if self._device != dev:
+            self.index, self.valid = self.index.to(dev), self.valid.to(dev)
+            self.positions, self.new_slots = self.positions.to(dev), self.new_slots.to(dev)
+            self._device = dev
+        for buf, t in zip(bufs, new, strict=True):
+            buf[self.new_slots] = t
+        return [buf[self.index] for buf in bufs]

@@ -17,13 +17,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, w, b)
+class Linear:
+    """y = x W^T + b. On CPU in bfloat16 the weight is re-laid out once for oneDNN (packed), which runs
+    2-3x faster at decode batch sizes than the plain kernel on the same bytes; elsewhere `F.linear`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        from experts.ffn import packing_supported
+
+        self.out_features = weight.shape[0]
+        self.bias = bias
+        self.packed = None
+        self.weight: torch.Tensor | None = weight
+        if packing_supported(weight.dtype, weight.device):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)
+            self.weight = None  # the packed copy is the one used
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
-def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate x) * up x); x [T, H]."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def fused(*weights: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows of several projections of the same input as one weight (or bias); None if any is None."""
+    return None if any(w is None for w in weights) else torch.cat(weights, dim=0)
 
 
 class Rope:

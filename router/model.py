@@ -15,17 +15,21 @@ from emoe.spec import ModelSpec
 from router.attention import GQAAttention, MLAAttention, Segment
 from router.dispatch import Dispatcher
 from router.gating import Gate
-from router.layers import Rope, gated_mlp, rms_norm
+from router.layers import Linear, Rope, fused, rms_norm
 
 Getter = Callable[..., torch.Tensor]  # get(name, dtype=None) -> tensor
 
 
 class MLP:
+    """down(silu(gate x) * up x), gate and up as one projection."""
+
     def __init__(self, get: Getter, prefix: str):
-        self.gate, self.up, self.down = (get(f"{prefix}.{n}_proj.weight") for n in ("gate", "up", "down"))
+        gate, up, down = (get(f"{prefix}.{n}_proj.weight") for n in ("gate", "up", "down"))
+        self.gate_up, self.down = Linear(fused(gate, up)), Linear(down)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return gated_mlp(x, self.gate, self.up, self.down)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate).mul_(up))
 
 
 class MoEBlock:
@@ -77,7 +81,7 @@ class RouterModel:
     def __init__(self, spec: ModelSpec, get: Getter, dtype: torch.dtype):
         self.spec, self.dtype = spec, dtype
         self.embed = get("model.embed_tokens.weight")  # [V, H]
-        self.head = self.embed if spec.tie_word_embeddings else get("lm_head.weight")  # [V, H]
+        self.head = Linear(self.embed if spec.tie_word_embeddings else get("lm_head.weight"))  # [V, H]
         self.norm = get("model.norm.weight")
         self.device = self.embed.device
         self.rope = Rope(
@@ -100,4 +104,4 @@ class RouterModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, V] in float32."""
-        return F.linear(h, self.head).float()
+        return self.head(h).float()

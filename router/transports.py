@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,19 +22,97 @@ from emoe.v1 import expert_pb2_grpc as pb_grpc
 from emoe.wire import GRPC_OPTIONS, WireError, decode, encode
 from router.remote import Transport, TransportError
 
-NOT_RETRIED = (grpc.StatusCode.INVALID_ARGUMENT,)
-
-
 # ---- gRPC ---------------------------------------------------------------------------------------
 
 
-async def _grpc_connect(info: dict[str, Any]):
-    channel = grpc.aio.insecure_channel(info["grpc_endpoint"], options=GRPC_OPTIONS)
-    return channel, pb_grpc.ExpertServiceStub(channel)
+class GrpcConn:
+    """One channel to a replica and one long-lived `ForwardStream` on it.
+
+    Calls are written in order under a lock and their futures queued in the same order; a reader task
+    resolves them as responses arrive (the replica answers in request order). A stream that breaks or a
+    call that times out fails every call in flight with TransportError, and the dispatcher reconnects.
+    """
+
+    def __init__(self, endpoint: str):
+        self.channel = grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
+        self.stub = pb_grpc.ExpertServiceStub(self.channel)
+        self.stream = self.stub.ForwardStream()
+        self.pending: deque[tuple[int, asyncio.Future]] = deque()
+        self.write_lock = asyncio.Lock()
+        self.next_id = 0
+        self.broken: str | None = None
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def call(self, request: pb.ExpertForwardRequest, timeout_s: float) -> torch.Tensor:
+        if self.broken:
+            raise TransportError(self.broken)
+        fut = asyncio.get_running_loop().create_future()
+        async with self.write_lock:
+            self.next_id += 1
+            request.call_id = self.next_id
+            self.pending.append((self.next_id, fut))
+            try:
+                await self.stream.write(request)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
+                self._fail(f"stream write failed: {e}")
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            self._fail(f"no reply within {timeout_s}s")
+            raise TransportError(f"no reply within {timeout_s}s") from None
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                resp = await self.stream.read()
+                if resp is grpc.aio.EOF:
+                    self._fail("stream closed by the replica")
+                    return
+                call_id, fut = self.pending.popleft()
+                if resp.call_id != call_id:
+                    self._fail(f"reply {resp.call_id} out of order (expected {call_id})")
+                    return
+                if fut.done():  # timed out meanwhile
+                    continue
+                if resp.error_code == "INVALID_ARGUMENT":
+                    fut.set_exception(ValueError(f"expert replica refused the request: {resp.error}"))
+                elif resp.error_code:
+                    fut.set_exception(TransportError(f"{resp.error_code}: {resp.error}"))
+                else:
+                    try:
+                        out = decode(resp.output, "output", dtypes=("float32", "bfloat16", "float16"))
+                    except WireError as e:
+                        fut.set_exception(TransportError(f"malformed response: {e}"))
+                    else:
+                        fut.set_result(out)
+        except grpc.aio.AioRpcError as e:
+            self._fail(f"{e.code().name}: {e.details()}")
+        except asyncio.CancelledError:
+            self._fail("connection closed")
+            raise
+        except IndexError:
+            self._fail("reply without a request")
+
+    def _fail(self, why: str) -> None:
+        if self.broken is None:
+            self.broken = why
+            self.stream.cancel()
+        while self.pending:
+            _, fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(TransportError(why))
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        self._fail("connection closed")
+        await self.channel.close()
 
 
-async def _grpc_call(conn, layer, version, x, local_ids, weights, timeout_s) -> torch.Tensor:
-    _, stub = conn
+async def _grpc_connect(info: dict[str, Any]) -> GrpcConn:
+    return GrpcConn(info["grpc_endpoint"])
+
+
+async def _grpc_call(conn: GrpcConn, layer, version, x, local_ids, weights, timeout_s) -> torch.Tensor:
     req = pb.ExpertForwardRequest(
         layer=layer,
         placement_version=version,
@@ -41,22 +120,12 @@ async def _grpc_call(conn, layer, version, x, local_ids, weights, timeout_s) -> 
         local_ids=encode(local_ids.to(torch.int32)),
         weights=encode(weights.float()),
     )
-    try:
-        resp = await stub.Forward(req, timeout=timeout_s)
-    except grpc.aio.AioRpcError as e:
-        if e.code() in NOT_RETRIED:
-            raise ValueError(f"expert replica refused the request: {e.details()}") from e
-        raise TransportError(f"{e.code().name}: {e.details()}") from e
-    try:
-        return decode(resp.output, "output", dtypes=("float32", "bfloat16", "float16"))
-    except WireError as e:
-        raise TransportError(f"malformed response: {e}") from e
+    return await conn.call(req, timeout_s)
 
 
-def _grpc_close(conn) -> None:
-    channel, _ = conn
+def _grpc_close(conn: GrpcConn) -> None:
     try:
-        asyncio.get_running_loop().create_task(channel.close())
+        asyncio.get_running_loop().create_task(conn.close())
     except RuntimeError:  # no running loop: the channel is collected with the loop
         pass
 

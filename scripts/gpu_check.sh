@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, for a CUDA machine whose python3 already has torch (no network needed):
-# the `gpu` tests (CUDA engine parity, expert math in bf16, gRPC replica on CUDA, NCCL pair when >= 2 GPUs)
-# and the data-plane benchmark when Ray is importable. Usage: bash scripts/gpu_check.sh [OUT_DIR]
+# the `gpu` tests (CUDA engine parity, expert math in bf16, gRPC replica on CUDA, NCCL pair when >= 2 GPUs),
+# the data-plane benchmark when Ray is importable, and `emoe bench` (transformers vs the in-process engine
+# on the bench-small preset, bf16, on the GPU, with its roofline) -- under 8 minutes in all.
+# Usage: bash scripts/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/emoe-gpu}}
@@ -15,5 +17,12 @@ if python3 -c "import ray" 2>/dev/null; then
   timeout 120 python3 -m bench.dataplane --tokens 32,512 --hidden 1024,4096 --iters 100 --json "$OUT/dataplane.json" | tee "$OUT/dataplane.log"
 else
   echo "ray not installed here: data-plane benchmark skipped" | tee "$OUT/dataplane.log"
+fi
+if python3 -c "import transformers, matplotlib, tokenizers" 2>/dev/null; then
+  timeout 240 python3 -m bench.perf --preset bench-small --device cuda --backends transformers,inprocess \
+    --requests 64 --concurrency 32 --prompt-len 16:512 --output-len 32:256 --out "$OUT/perf-gpu" \
+    2>&1 | tee "$OUT/perf-gpu.log"
+else
+  echo "transformers / matplotlib / tokenizers missing: emoe bench skipped" | tee "$OUT/perf-gpu.log"
 fi
 exit "$status"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65moe/v1/expert.proto\x12\x07\x65moe.v1\"8\n\nWireTensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb3\x01\n\x14\x45xpertForwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12#\n\x06hidden\x18\x03 \x01(\x0b\x32\x13.emoe.v1.WireTensor\x12&\n\tlocal_ids\x18\x04 \x01(\x0b\x32\x13.emoe.v1.WireTensor\x12$\n\x07weights\x18\x05 \x01(\x0b\x32\x13.emoe.v1.WireTensor\"<\n\x15\x45xpertForwardResponse\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.emoe.v1.WireTensor\"\x13\n\x11\x45xpertInfoRequest\"\x9d\x01\n\nExpertInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\r\x12\x19\n\x11placement_version\x18\x03 \x01(\x04\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\r\n\x05slots\x18\x07 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t2\x92\x01\n\rExpertService\x12H\n\x07\x46orward\x12\x1d.emoe.v1.ExpertForwardRequest\x1a\x1e.emoe.v1.ExpertForwardResponse\x12\x37\n\x04Info\x12\x1a.emoe.v1.ExpertInfoRequest\x1a\x13.emoe.v1.ExpertInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65moe/v1/expert.proto\x12\x07\x65moe.v1\"8\n\nWireTensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc4\x01\n\x14\x45xpertForwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12#\n\x06hidden\x18\x03 \x01(\x0b\x32\x13.emoe.v1.WireTensor\x12&\n\tlocal_ids\x18\x04 \x01(\x0b\x32\x13.emoe.v1.WireTensor\x12$\n\x07weights\x18\x05 \x01(\x0b\x32\x13.emoe.v1.WireTensor\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\x04\"p\n\x15\x45xpertForwardResponse\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.emoe.v1.WireTensor\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\x04\x12\x12\n\nerror_code\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x13\n\x11\x45xpertInfoRequest\"\x9d\x01\n\nExpertInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\r\x12\x19\n\x11placement_version\x18\x03 \x01(\x04\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\r\n\x05slots\x18\x07 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t2\xe6\x01\n\rExpertService\x12H\n\x07\x46orward\x12\x1d.emoe.v1.ExpertForwardRequest\x1a\x1e.emoe.v1.ExpertForwardResponse\x12R\n\rForwardStream\x12\x1d.emoe.v1.ExpertForwardRequest\x1a\x1e.emoe.v1.ExpertForwardResponse(\x01\x30\x01\x12\x37\n\x04Info\x12\x1a.emoe.v1.ExpertInfoRequest\x1a\x13.emoe.v1.ExpertInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WIRETENSOR']._serialized_start=33
   _globals['_WIRETENSOR']._serialized_end=89
   _globals['_EXPERTFORWARDREQUEST']._serialized_start=92
-  _globals['_EXPERTFORWARDREQUEST']._serialized_end=271
-  _globals['_EXPERTFORWARDRESPONSE']._serialized_start=273
-  _globals['_EXPERTFORWARDRESPONSE']._serialized_end=333
-  _globals['_EXPERTINFOREQUEST']._serialized_start=335
-  _globals['_EXPERTINFOREQUEST']._serialized_end=354
-  _globals['_EXPERTINFO']._serialized_start=357
-  _globals['_EXPERTINFO']._serialized_end=514
-  _globals['_EXPERTSERVICE']._serialized_start=517
-  _globals['_EXPERTSERVICE']._serialized_end=663
+  _globals['_EXPERTFORWARDREQUEST']._serialized_end=288
+  _globals['_EXPERTFORWARDRESPONSE']._serialized_start=290
+  _globals['_EXPERTFORWARDRESPONSE']._serialized_end=402
+  _globals['_EXPERTINFOREQUEST']._serialized_start=404
+  _globals['_EXPERTINFOREQUEST']._serialized_end=423
+  _globals['_EXPERTINFO']._serialized_start=426
+  _globals['_EXPERTINFO']._serialized_end=583
+  _globals['_EXPERTSERVICE']._serialized_start=586
+  _globals['_EXPERTSERVICE']._serialized_end=816
 # @@protoc_insertion_point(module_scope)

@@ -17,24 +17,32 @@ class WireTensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ExpertForwardRequest(_message.Message):
-    __slots__ = ("layer", "placement_version", "hidden", "local_ids", "weights")
+    __slots__ = ("layer", "placement_version", "hidden", "local_ids", "weights", "call_id")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LOCAL_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     layer: int
     placement_version: int
     hidden: WireTensor
     local_ids: WireTensor
     weights: WireTensor
-    def __init__(self, layer: _Optional[int] = ..., placement_version: _Optional[int] = ..., hidden: _Optional[_Union[WireTensor, _Mapping]] = ..., local_ids: _Optional[_Union[WireTensor, _Mapping]] = ..., weights: _Optional[_Union[WireTensor, _Mapping]] = ...) -> None: ...
+    call_id: int
+    def __init__(self, layer: _Optional[int] = ..., placement_version: _Optional[int] = ..., hidden: _Optional[_Union[WireTensor, _Mapping]] = ..., local_ids: _Optional[_Union[WireTensor, _Mapping]] = ..., weights: _Optional[_Union[WireTensor, _Mapping]] = ..., call_id: _Optional[int] = ...) -> None: ...
 
 class ExpertForwardResponse(_message.Message):
-    __slots__ = ("output",)
+    __slots__ = ("output", "call_id", "error_code", "error")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     output: WireTensor
-    def __init__(self, output: _Optional[_Union[WireTensor, _Mapping]] = ...) -> None: ...
+    call_id: int
+    error_code: str
+    error: str
+    def __init__(self, output: _Optional[_Union[WireTensor, _Mapping]] = ..., call_id: _Optional[int] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ExpertInfoRequest(_message.Message):
     __slots__ = ()

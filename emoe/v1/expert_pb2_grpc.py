@@ -40,6 +40,11 @@ class ExpertServiceStub:
                 request_serializer=emoe_dot_v1_dot_expert__pb2.ExpertForwardRequest.SerializeToString,
                 response_deserializer=emoe_dot_v1_dot_expert__pb2.ExpertForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/emoe.v1.ExpertService/ForwardStream',
+                request_serializer=emoe_dot_v1_dot_expert__pb2.ExpertForwardRequest.SerializeToString,
+                response_deserializer=emoe_dot_v1_dot_expert__pb2.ExpertForwardResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/emoe.v1.ExpertService/Info',
                 request_serializer=emoe_dot_v1_dot_expert__pb2.ExpertInfoRequest.SerializeToString,
@@ -57,6 +62,14 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """The same calls over one long-lived stream per router connection: no per-call HTTP/2 stream setup
+        (about 2.5x less overhead per call than the unary method in Python). Served in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -68,6 +81,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
+                    request_deserializer=emoe_dot_v1_dot_expert__pb2.ExpertForwardRequest.FromString,
+                    response_serializer=emoe_dot_v1_dot_expert__pb2.ExpertForwardResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
                     request_deserializer=emoe_dot_v1_dot_expert__pb2.ExpertForwardRequest.FromString,
                     response_serializer=emoe_dot_v1_dot_expert__pb2.ExpertForwardResponse.SerializeToString,
             ),
@@ -103,6 +121,33 @@ class ExpertService:
             request,
             target,
             '/emoe.v1.ExpertService/Forward',
+            emoe_dot_v1_dot_expert__pb2.ExpertForwardRequest.SerializeToString,
+            emoe_dot_v1_dot_expert__pb2.ExpertForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/emoe.v1.ExpertService/ForwardStream',
             emoe_dot_v1_dot_expert__pb2.ExpertForwardRequest.SerializeToString,
             emoe_dot_v1_dot_expert__pb2.ExpertForwardResponse.FromString,
             options,

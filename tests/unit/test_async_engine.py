@@ -48,8 +48,10 @@ def tokens(chunks) -> list[int]:
         dict(
             kv_blocks=12, block_size=4
         ),  # 48 positions for 5 sequences: admission waits, preemption recomputes
+        dict(micro_batches=2),  # ping-pong: each step as two interleaved micro-batches
+        dict(micro_batches=2, max_batch_tokens=8),
     ],
-    ids=["roomy", "chunked-prefill", "tight-kv"],
+    ids=["roomy", "chunked-prefill", "tight-kv", "ping-pong", "ping-pong-chunked"],
 )
 def test_concurrent_greedy_equals_reference(demo, cfg):
     _, engine = demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -85,7 +86,7 @@ def test_grpc_server_serves_and_refuses_bad_requests(core):
         x, ids, w = inputs()
         out = await GRPC.call(conn, 1, 3, x, ids, w, 10)
         torch.testing.assert_close(out, core.store.forward(1, x, ids, w))
-        stub = conn[1]
+        stub = conn.stub
         bad = pb.ExpertForwardRequest(
             layer=1, placement_version=3, hidden=pb.WireTensor(dtype="float32", shape=[5, H], data=b"x")
         )
@@ -106,6 +107,38 @@ def test_grpc_server_serves_and_refuses_bad_requests(core):
 
     asyncio.run(run())
     server.stop()
+
+
+def test_grpc_stream_keeps_order_and_survives_refused_calls(core):
+    """The router's long-lived ForwardStream: concurrent calls each get their own answer; a refused call
+    fails alone (malformed: ValueError, not retried; other placement: TransportError, retried elsewhere)
+    and the stream goes on; a replica that goes away fails the call promptly instead of hanging."""
+    server = GrpcExpertServer(ExpertServicer(core, "r0", torch.float32))
+    endpoint = server.start()
+
+    async def run():
+        conn = await GRPC.connect({"grpc_endpoint": endpoint})
+        batches = [inputs(n, 2) for n in (1, 3, 6, 2, 5)]
+        outs = await asyncio.gather(*(GRPC.call(conn, 1, 3, x, ids, w, 10) for x, ids, w in batches))
+        for (x, ids, w), out in zip(batches, outs, strict=True):
+            torch.testing.assert_close(out, core.store.forward(1, x, ids, w))
+        x, ids, w = batches[1]
+        with pytest.raises(ValueError, match="local_ids"):
+            await GRPC.call(conn, 1, 3, x, ids + 10, w, 10)
+        with pytest.raises(TransportError, match="FAILED_PRECONDITION"):
+            await GRPC.call(conn, 1, 9, x, ids, w, 10)
+        with pytest.raises(ValueError, match="layer 0"):
+            await GRPC.call(conn, 0, 3, x, ids, w, 10)
+        assert conn.broken is None
+        torch.testing.assert_close(await GRPC.call(conn, 1, 3, x, ids, w, 10), outs[1])
+        server.stop()
+        t0 = time.monotonic()
+        with pytest.raises(TransportError):
+            await GRPC.call(conn, 1, 3, x, ids, w, 10)
+        assert time.monotonic() - t0 < 5
+        await conn.close()
+
+    asyncio.run(run())
 
 
 def test_gloo_pairs_serve_and_survive_a_bad_header(core):
