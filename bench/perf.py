@@ -536,7 +536,8 @@ def render_markdown(report: BenchReport) -> str:
     lines = [
         f"Model `{m['family']}` {m['layers']} layers, hidden {m['hidden']}, {m['experts']} experts top-"
         f"{m['top_k']}, {m['dtype']}; {m['groups']} expert groups. Machine: {m['machine']}, "
-        f"{m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads). {m['date']}.",
+        f"{m['cpus']} CPUs, torch {m['torch']}: {m['torch_threads']} threads in process; the cluster's router "
+        f"{m.get('router_threads', '?')}, each expert replica {m['expert_threads']}. {m['date']}.",
         f"Workload: {w['requests']} requests, prompts {w['prompt_len'][0]}–{w['prompt_len'][1]}, outputs "
         f"{w['output_len'][0]}–{w['output_len'][1]} tokens, "
         + (f"Poisson {w['rate']} req/s" if w["rate"] else f"{w['concurrency']} concurrent")
@@ -562,12 +563,31 @@ def render_markdown(report: BenchReport) -> str:
             f"{roof['floor_ms_median']:.1f} ms, measured {roof['step_ms_median']:.1f} ms (median of "
             f"{roof['decode_steps']} steps) → **{roof['fraction']:.0%} of the roofline**.",
         ]
+    sc = report.backends.get("inprocess", {}).get("scaling")
+    if sc:
+        pairs = ", ".join(
+            f"{e} experts {t:.1f} tok/s" for e, t in zip(sc["experts"], sc["tokens_per_s"], strict=True)
+        )
+        lines += [
+            "",
+            f"MoE scaling (in-process, 1 stream, top-{m['top_k']}): {pairs} → drop {sc['drop']:.1%}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def _x(b: dict, key: str) -> str:
     v = b.get(f"{key}_vs_inprocess")
     return "–" if v is None else f"{v:.2f}×"
+
+
+COLORS = {
+    "transformers": "#888",
+    "inprocess": "#2a6",
+    "grpc": "#36c",
+    "dist": "#c63",
+    "grpc@2": "#69e",
+    "dist@2": "#e96",
+}
 
 
 def write_plot(report: BenchReport, path: Path) -> None:
@@ -585,7 +605,7 @@ def write_plot(report: BenchReport, path: Path) -> None:
     ]
     for ax, (key, scale, title, p99) in zip(axes, specs, strict=True):
         vals = [report.backends[n][key] * scale for n in names]
-        bars = ax.bar(names, vals, color=["#888", "#2a6", "#36c", "#c63", "#93c", "#cc3"][: len(names)])
+        bars = ax.bar(names, vals, color=[COLORS.get(n, "#cc3") for n in names])
         if p99:
             ax.scatter(names, [report.backends[n][p99] * scale for n in names], marker="_", s=400, c="k")
         for bar, v in zip(bars, vals, strict=True):

@@ -27,8 +27,7 @@ def expert_ffn_grouped(
     if use_padded(counts, pairs.numel()):
         ys = _ffn_padded(xs, expert_of, counts, w_gate_up, w_down)
     else:
-        segments = xs.split(counts.tolist())  # per expert, views (sorted by expert)
-        ys = _cat([_ffn(seg, w_gate_up[e], w_down[e]) for e, seg in enumerate(segments) if seg.shape[0]], xs)
+        ys = _cat([_ffn(xs[a:b], w_gate_up[e], w_down[e]) for e, a, b in _runs(counts)], xs)
     ys *= weights.reshape(-1)[pairs].unsqueeze(1).to(ys.dtype)
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 
@@ -44,10 +43,9 @@ def expert_ffn_packed(
     pairs, token_of, _, counts, xs = _sort_pairs(x, ids, len(packed.gate_up))
     lin = torch.ops.mkldnn._linear_pointwise
     outs = []
-    for e, seg in enumerate(xs.split(counts.tolist())):
-        if seg.shape[0]:
-            gate, up = lin(seg, packed.gate_up[e], None, "none", [], "").chunk(2, dim=-1)
-            outs.append(lin(F.silu(gate).mul_(up), packed.down[e], None, "none", [], ""))
+    for e, a, b in _runs(counts):
+        gate, up = lin(xs[a:b], packed.gate_up[e], None, "none", [], "").chunk(2, dim=-1)
+        outs.append(lin(F.silu(gate).mul_(up), packed.down[e], None, "none", [], ""))
     ys = _cat(outs, xs)
     ys *= weights.reshape(-1)[pairs].unsqueeze(1).to(ys.dtype)
     return torch.zeros_like(x).index_add_(0, token_of, ys)
@@ -82,6 +80,15 @@ def _sort_pairs(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
     token_of = pairs // k  # [P]
     counts = torch.bincount(expert_of, minlength=num_experts)  # [E]
     return pairs, token_of, expert_of, counts, x.index_select(0, token_of)
+
+
+def _runs(counts: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of each expert that has pairs, in the sorted pair order; the cost grows with
+    the experts that have tokens, not with the experts the layer has."""
+    nz = counts.nonzero().squeeze(1)
+    ends = torch.cumsum(counts, 0)[nz]
+    starts = ends - counts[nz]
+    return list(zip(nz.tolist(), starts.tolist(), ends.tolist(), strict=True))
 
 
 def _cat(outs: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

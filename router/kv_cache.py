@@ -98,8 +98,8 @@ class PagedSequenceCache:
         if bufs[0].device != slots.device:
             slots = self._slots[end] = slots.to(bufs[0].device)
         for buf, t in zip(bufs, new, strict=True):
-            buf[slots[self.length :]] = t
-        return [buf[slots] for buf in bufs]
+            buf.index_copy_(0, slots[self.length :], t)
+        return [buf.index_select(0, slots) for buf in bufs]
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -138,6 +138,10 @@ class PagedDecode:
             self.index, self.valid = self.index.to(dev), self.valid.to(dev)
             self.positions, self.new_slots = self.positions.to(dev), self.new_slots.to(dev)
             self._device = dev
+        flat = self.index.reshape(-1)
+        out = []
         for buf, t in zip(bufs, new, strict=True):
-            buf[self.new_slots] = t
-        return [buf[self.index] for buf in bufs]
+            buf.index_copy_(0, self.new_slots, t)
+            # index_select copies whole rows; advanced indexing (buf[index]) was 4-8x slower here
+            out.append(buf.index_select(0, flat).view(*self.index.shape, *buf.shape[1:]))
+        return out
