@@ -59,35 +59,26 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float)
 def _sdpa_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decode: PagedDecode, window: int | None, scale: float
 ) -> torch.Tensor:
-    """q [B, N, D], k [B, L, Nkv, D], v [B, L, Nkv, Dv] (padded, `decode.valid`) -> [B, N * Dv]."""
+    """q [B, N, D]; k [B * Nkv, L, D], v [B * Nkv, L, Dv] (sequence-major, padded: `decode.valid`)
+    -> [B, N * Dv]."""
     b, n, d = q.shape
-    length, nkv, dv = k.shape[1], k.shape[2], v.shape[3]
-    mask = decode.valid  # [B, L]
-    if window is not None:
-        k_pos = torch.arange(length, device=mask.device).unsqueeze(0)
-        mask = mask & (k_pos > decode.positions.unsqueeze(1) - window)
+    nkv, length, dv = k.shape[0] // b, k.shape[1], v.shape[2]
     if q.device.type != "cpu":
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
+            q.unsqueeze(2),  # [B, N, 1, D]
+            k.view(b, nkv, length, d),
+            v.view(b, nkv, length, dv),
+            attn_mask=decode.mask(window)[:, None, None, :],
             scale=scale,
             enable_gqa=True,
         )  # [B, N, 1, Dv]
         return out.reshape(b, -1)
     # CPU: two batched matmuls over (sequence, kv head), each kv head's query heads as rows; several times
     # faster here than SDPA's kernels for a single query position
-    rep = n // nkv
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    bias = bias.repeat_interleave(nkv, dim=0).unsqueeze(1)  # [B * Nkv, 1, L]
-    kk = k.transpose(1, 2).reshape(b * nkv, length, d)
-    vv = v.transpose(1, 2).reshape(b * nkv, length, dv)
-    scores = torch.baddbmm(
-        bias, q.reshape(b * nkv, rep, d), kk.transpose(1, 2), alpha=scale
-    )  # [B*Nkv, rep, L]
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    return torch.bmm(probs, vv).reshape(b, n * dv)
+    bias = decode.attention_bias(nkv, q.dtype, window)  # [B * Nkv, 1, L], once per step
+    scores = torch.baddbmm(bias, q.reshape(b * nkv, n // nkv, d), k.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # [B * Nkv, rep, L]
+    return torch.bmm(probs, v).reshape(b, n * dv)
 
 
 def _per_segment(
@@ -130,7 +121,7 @@ class GQAAttention:
 
         decode = getattr(segments, "decode", None)
         if decode is not None:  # one position per sequence: the whole batch at once
-            kk, vv = decode.append_and_read(self.layer, k, v)  # [B, L, Nkv, D]
+            kk, vv = decode.append_and_read(self.layer, k, v, heads_major=True)  # [B * Nkv, L, D]
             out = _sdpa_decode(q, kk, vv, decode, s.sliding_window, s.attn_scale)
             return self.o(out)
 

@@ -129,19 +129,57 @@ class PagedDecode:
         self.positions = lengths - 1  # [B]
         self.new_slots = self.index.gather(1, self.positions.unsqueeze(1)).squeeze(1)  # [B]
         self._device = None
+        self._heads_index: dict[int, torch.Tensor] = {}
+        self._bias: dict[tuple, torch.Tensor] = {}
 
-    def append_and_read(self, layer: int, *new: torch.Tensor) -> list[torch.Tensor]:
-        """new: each [B, ...], one position per sequence; returns each [B, L, ...] (padding unmasked)."""
+    def append_and_read(
+        self, layer: int, *new: torch.Tensor, heads_major: bool = False
+    ) -> list[torch.Tensor]:
+        """new: each [B, ...], one position per sequence. Returns each [B, L, ...] (padding not masked);
+        with `heads_major`, each [B, Nh, D] input comes back as [B * Nh, L, D] — (sequence, head) major,
+        gathered straight from the pool rows, so attention needs no transposed copy (a strided bf16 copy
+        of that size cost ~30x the gather here)."""
         bufs = self.pool.storage(layer, new)
         dev = bufs[0].device
         if self._device != dev:
             self.index, self.valid = self.index.to(dev), self.valid.to(dev)
             self.positions, self.new_slots = self.positions.to(dev), self.new_slots.to(dev)
+            self._heads_index.clear()
             self._device = dev
-        flat = self.index.reshape(-1)
         out = []
         for buf, t in zip(bufs, new, strict=True):
             buf.index_copy_(0, self.new_slots, t)
-            # index_select copies whole rows; advanced indexing (buf[index]) was 4-8x slower here
-            out.append(buf.index_select(0, flat).view(*self.index.shape, *buf.shape[1:]))
+            b, length = self.index.shape
+            if heads_major:
+                heads = buf.shape[1]
+                rows = buf.view(buf.shape[0] * heads, *buf.shape[2:])  # one row per (slot, head)
+                got = rows.index_select(0, self.heads_index(heads)).view(b * heads, length, *buf.shape[2:])
+            else:  # index_select copies whole rows; advanced indexing (buf[index]) was 4-8x slower
+                got = buf.index_select(0, self.index.reshape(-1)).view(b, length, *buf.shape[1:])
+            out.append(got)
         return out
+
+    def heads_index(self, heads: int) -> torch.Tensor:
+        """[B * heads * L] rows of a pool viewed as [slots * heads, ...], in (sequence, head, position) order."""
+        idx = self._heads_index.get(heads)
+        if idx is None:
+            h = torch.arange(heads, device=self.index.device).view(1, heads, 1)
+            idx = self._heads_index[heads] = (self.index.unsqueeze(1) * heads + h).reshape(-1)
+        return idx
+
+    def attention_bias(self, heads: int, dtype: torch.dtype, window: int | None) -> torch.Tensor:
+        """[B * heads, 1, L]: 0 where a key is attended, -inf elsewhere (padding, outside the window)."""
+        key = (heads, dtype, window)
+        bias = self._bias.get(key)
+        if bias is None:
+            mask = self.mask(window)
+            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            bias = self._bias[key] = bias.repeat_interleave(heads, dim=0).unsqueeze(1)
+        return bias
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[B, L] True where the new position attends: real positions, and within the sliding window."""
+        if window is None:
+            return self.valid
+        k_pos = torch.arange(self.valid.shape[1], device=self.valid.device).unsqueeze(0)
+        return self.valid & (k_pos > self.positions.unsqueeze(1) - window)
