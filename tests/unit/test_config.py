@@ -1,7 +1,7 @@
 import pytest
 
 from cluster.app import build_app  # noqa: F401 - the import path Serve and KubeRay use must import
-from cluster.config import ConfigError, load_config, parse_config
+from cluster.config import AppConfig, ConfigError, load_config, parse_config
 
 
 def test_defaults_and_yaml_with_flag_overrides(tmp_path):
@@ -33,3 +33,16 @@ def test_unreadable_yaml(tmp_path):
     f.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(f)
+
+
+def test_local_serve_gives_the_router_one_thread_unless_configured():
+    from cluster.serve_cmd import one_machine_threads
+
+    assert one_machine_threads(AppConfig(model="m", transport="grpc")).router_torch_threads == 1
+    assert (
+        one_machine_threads(
+            AppConfig(model="m", transport="grpc", router_torch_threads=3)
+        ).router_torch_threads
+        == 3
+    )
+    assert one_machine_threads(AppConfig(model="m", transport="local")).router_torch_threads == 0
