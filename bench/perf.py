@@ -28,12 +28,14 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,6 +403,17 @@ def match_fraction(a: list[RequestResult], b: list[RequestResult]) -> float:
     return sum(x.tokens == y.tokens for x, y in zip(a, b, strict=True)) / len(a)
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run(
     path: Path,
     workload: Workload,
@@ -421,97 +434,64 @@ def run(
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; choices: {', '.join(BACKENDS)}")
     threads = threads or os.cpu_count() or 1
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _run(
-            path,
-            workload,
-            backends,
-            dtype=dtype,
-            groups=groups,
-            micro_batches=micro_batches,
-            threads=threads,
-            expert_threads=expert_threads,
-            roofline=roofline,
-            router_threads=router_threads,
-            device=device,
+    with torch_threads(threads):
+        from emoe.spec import ModelSpec
+
+        spec = ModelSpec.from_pretrained(path)
+        work = workload.make(spec.vocab_size)
+        bw = read_bandwidth(device=device) if roofline else None
+        report = BenchReport(
+            meta={
+                "machine": _machine(device),
+                "device": device,
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "torch_threads": threads,
+                "model": str(path),
+                "family": spec.family,
+                "layers": spec.num_layers,
+                "hidden": spec.hidden_size,
+                "experts": spec.num_experts,
+                "top_k": spec.top_k,
+                "dtype": dtype,
+                "groups": groups,
+                "micro_batches": micro_batches,
+                "expert_threads": expert_threads,
+                "router_threads": router_threads,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            },
+            workload={**asdict(workload)},
         )
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _run(
-    path,
-    workload,
-    backends,
-    *,
-    dtype,
-    groups,
-    micro_batches,
-    threads,
-    expert_threads,
-    roofline,
-    router_threads,
-    device,
-):
-    from emoe.spec import ModelSpec
-
-    spec = ModelSpec.from_pretrained(path)
-    work = workload.make(spec.vocab_size)
-    bw = read_bandwidth(device=device) if roofline else None
-    report = BenchReport(
-        meta={
-            "machine": _machine(device),
-            "device": device,
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": threads,
-            "model": str(path),
-            "family": spec.family,
-            "layers": spec.num_layers,
-            "hidden": spec.hidden_size,
-            "experts": spec.num_experts,
-            "top_k": spec.top_k,
-            "dtype": dtype,
-            "groups": groups,
-            "micro_batches": micro_batches,
-            "expert_threads": expert_threads,
-            "router_threads": router_threads,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        },
-        workload={**asdict(workload)},
-    )
-    outputs: dict[str, list[RequestResult]] = {}
-    for b in backends:
-        print(f"[bench] {b} ...", file=sys.stderr, flush=True)
-        if b == "transformers":
-            results, extra = run_transformers(path, work, workload, dtype, device)
-        else:
-            name, _, mb = b.partition("@")  # "grpc@2": two micro-batches
-            torch.set_num_threads(threads if name == "inprocess" else router_threads)
-            results, extra = run_engine(
-                path,
-                name,
-                work,
-                workload,
-                dtype,
-                groups,
-                micro_batches=1 if name == "inprocess" else int(mb or micro_batches),
-                expert_threads=expert_threads,
-                roofline_bw=bw if name == "inprocess" else None,
-                device=device,
-            )
-        outputs[b] = results
-        summary = summarize(results, extra.pop("wall_s"))
-        summary.update(extra)
-        report.backends[b] = summary
-        print(f"[bench] {b}: {json.dumps(_short(summary))}", file=sys.stderr, flush=True)
-    if "inprocess" in outputs:
-        for b, res in outputs.items():
-            report.backends[b]["same_tokens_as_inprocess"] = match_fraction(res, outputs["inprocess"])
-    report.ratios()
-    return report
+        outputs: dict[str, list[RequestResult]] = {}
+        for b in backends:
+            print(f"[bench] {b} ...", file=sys.stderr, flush=True)
+            if b == "transformers":
+                results, extra = run_transformers(path, work, workload, dtype, device)
+            else:
+                name, _, mb = b.partition("@")  # "grpc@2": two micro-batches
+                with torch_threads(threads if name == "inprocess" else router_threads):
+                    results, extra = run_engine(
+                        path,
+                        name,
+                        work,
+                        workload,
+                        dtype,
+                        groups,
+                        micro_batches=1 if name == "inprocess" else int(mb or micro_batches),
+                        expert_threads=expert_threads,
+                        roofline_bw=bw if name == "inprocess" else None,
+                        device=device,
+                    )
+            outputs[b] = results
+            summary = summarize(results, extra.pop("wall_s"))
+            summary.update(extra)
+            report.backends[b] = summary
+            print(f"[bench] {b}: {json.dumps(_short(summary))}", file=sys.stderr, flush=True)
+        if "inprocess" in outputs:
+            for b, res in outputs.items():
+                report.backends[b]["same_tokens_as_inprocess"] = match_fraction(res, outputs["inprocess"])
+        report.ratios()
+        return report
 
 
 def _short(d: dict) -> dict:
@@ -639,8 +619,6 @@ def scaling(base_preset: str, experts: Sequence[int], workload: Workload, dtype:
         res, extra = run_engine(path, "inprocess", workload.make(_vocab(path)), workload, dtype, 1)
         rows[e] = summarize(res, extra["wall_s"])
         print(f"[bench] {e} experts: {rows[e]['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
-        import shutil
-
         shutil.rmtree(path)
     first = rows[experts[0]]["tokens_per_s"]
     return {

@@ -121,7 +121,7 @@ class GQAAttention:
 
         decode = getattr(segments, "decode", None)
         if decode is not None:  # one position per sequence: the whole batch at once
-            kk, vv = decode.append_and_read(self.layer, k, v, heads_major=True)  # [B * Nkv, L, D]
+            kk, vv = decode.append_and_read(self.layer, k, v)  # [B * Nkv, L, D]
             out = _sdpa_decode(q, kk, vv, decode, s.sliding_window, s.attn_scale)
             return self.o(out)
 

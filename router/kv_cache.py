@@ -132,31 +132,25 @@ class PagedDecode:
         self._heads_index: dict[int, torch.Tensor] = {}
         self._bias: dict[tuple, torch.Tensor] = {}
 
-    def append_and_read(
-        self, layer: int, *new: torch.Tensor, heads_major: bool = False
-    ) -> list[torch.Tensor]:
-        """new: each [B, ...], one position per sequence. Returns each [B, L, ...] (padding not masked);
-        with `heads_major`, each [B, Nh, D] input comes back as [B * Nh, L, D] — (sequence, head) major,
-        gathered straight from the pool rows, so attention needs no transposed copy (a strided bf16 copy
-        of that size cost ~30x the gather here)."""
-        bufs = self.pool.storage(layer, new)
+    def append_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """k, v: [B, Nh, D], one position per sequence. Returns keys and values as [B * Nh, L, D],
+        (sequence, head) major (padding not masked), gathered straight from the pool rows with
+        `index_select`: no transposed copy (a strided bf16 copy of that size cost ~30x the gather here, and
+        advanced indexing 4-8x)."""
+        bufs = self.pool.storage(layer, (k, v))
         dev = bufs[0].device
         if self._device != dev:
             self.index, self.valid = self.index.to(dev), self.valid.to(dev)
             self.positions, self.new_slots = self.positions.to(dev), self.new_slots.to(dev)
             self._heads_index.clear()
             self._device = dev
+        b, length = self.index.shape
         out = []
-        for buf, t in zip(bufs, new, strict=True):
+        for buf, t in zip(bufs, (k, v), strict=True):
             buf.index_copy_(0, self.new_slots, t)
-            b, length = self.index.shape
-            if heads_major:
-                heads = buf.shape[1]
-                rows = buf.view(buf.shape[0] * heads, *buf.shape[2:])  # one row per (slot, head)
-                got = rows.index_select(0, self.heads_index(heads)).view(b * heads, length, *buf.shape[2:])
-            else:  # index_select copies whole rows; advanced indexing (buf[index]) was 4-8x slower
-                got = buf.index_select(0, self.index.reshape(-1)).view(b, length, *buf.shape[1:])
-            out.append(got)
+            heads = buf.shape[1]
+            rows = buf.view(buf.shape[0] * heads, *buf.shape[2:])  # one row per (slot, head)
+            out.append(rows.index_select(0, self.heads_index(heads)).view(b * heads, length, *buf.shape[2:]))
         return out
 
     def heads_index(self, heads: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from experts.ffn import packing_supported
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in float32, scaled in the input dtype."""
@@ -22,8 +24,6 @@ class Linear:
     2-3x faster at decode batch sizes than the plain kernel on the same bytes; elsewhere `F.linear`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        from experts.ffn import packing_supported
-
         self.out_features = weight.shape[0]
         self.bias = bias
         self.packed = None

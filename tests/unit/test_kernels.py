@@ -146,9 +146,9 @@ def test_batched_decode_attention_equals_per_sequence(window, dtype):
     want = torch.cat(want)
 
     decode = PagedDecode(pool, caches)
-    kk, vv = decode.append_and_read(0, k_new, v_new, heads_major=True)
+    kk, vv = decode.append_and_read(0, k_new, v_new)
     assert kk.shape == (len(lengths) * kv_heads, max(lengths), dim)
-    flat_k, _ = PagedDecode(pool, caches).append_and_read(0, k_new, v_new)  # [B, L, Nkv, D]
+    flat_k = pool.layers[0][0][decode.index]  # [B, L, Nkv, D], plain indexing of the pool
     assert torch.equal(kk, flat_k.transpose(1, 2).reshape(kk.shape))  # the same keys, head-major
     got = _sdpa_decode(q, kk, vv, decode, window, dim**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
