@@ -186,6 +186,12 @@ class CountingDispatcher:
         self.roofline.experts_touched += int(torch.unique(topk_ids).numel())
         return await self.inner.forward(layer, hidden, topk_ids, topk_weights)
 
+    def begin_step(self) -> None:
+        self.inner.begin_step()
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
     def close(self) -> None:
         self.inner.close()
 
@@ -205,7 +211,7 @@ def run_engine(
 ) -> tuple[list[RequestResult], dict[str, Any]]:
     from emoe.api import GenerateRequest, SamplingParams
     from router import Engine
-    from router.async_engine import AsyncEngine, EngineConfig
+    from router.engine.async_engine import AsyncEngine, EngineConfig
 
     dispatcher = "local" if backend == "inprocess" else backend
     opts = {} if dispatcher == "local" else {"torch_threads": expert_threads}
@@ -284,9 +290,9 @@ def run_engine(
             extra["roofline"] = roofline_summary(steps, roofline_bw, workload.concurrency, roof)
         full = [s.seconds for s in steps if s.decode_only and s.batch >= workload.concurrency]
         extra["decode_step_ms_median"] = statistics.median(full) * 1e3 if full else float("nan")
-        if hasattr(engine.dispatcher, "stats"):
-            lat = engine.dispatcher.stats.latency
-            extra["expert_call_ms_mean"] = lat.total / lat.count * 1e3 if lat.count else float("nan")
+        lat = engine.dispatcher.stats().get("dispatch_latency_s")
+        if lat is not None:  # remote dispatchers time every group call
+            extra["expert_call_ms_mean"] = lat["sum"] / lat["count"] * 1e3 if lat["count"] else float("nan")
     finally:
         engine.close()
     return results, extra

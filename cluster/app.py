@@ -42,40 +42,37 @@ class RouterServer:
     """A router replica: loads the dense half, attaches to the expert groups, runs the AsyncEngine."""
 
     def __init__(self, config: dict[str, Any], registry: Any = None, expert_groups: list | None = None):
+        from cluster.launch import attach_expert_groups
         from emoe.tokenizer import Tokenizer
-        from router import Engine
-        from router.async_engine import AsyncEngine, EngineConfig
+        from router.dispatch import DispatchContext, LocalDispatcher
+        from router.engine import AsyncEngine
+        from router.model import load_router_model, parse_dtype
 
         cfg = parse_config(config)
         if cfg.router_torch_threads:
             torch.set_num_threads(cfg.router_torch_threads)
-        options = {} if cfg.transport == "local" else {"registry": registry}
-        engine = Engine.from_pretrained(
-            cfg.model, dtype=cfg.dtype, dispatcher=cfg.transport, num_groups=cfg.groups, **options
-        )
-        spec = engine.spec
-        max_context = min(cfg.max_context or spec.max_position_embeddings, cfg.kv_blocks * cfg.block_size)
+        dtype = parse_dtype(cfg.dtype)
+        spec, model = load_router_model(cfg.model, dtype)
+        placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, cfg.groups)
+        ctx = DispatchContext(Path(cfg.model), spec, dtype, model.device, placement)
+        if cfg.transport == "local":
+            dispatcher = LocalDispatcher.from_context(ctx)
+        else:
+            ctx = dataclasses.replace(ctx, options={"registry": registry})
+            dispatcher = attach_expert_groups(ctx, cfg.transport)
+        econf = cfg.engine_config(spec.max_position_embeddings)
         self.info_ = ModelInfo(
             name=cfg.served_name,
             family=spec.family,
             vocab_size=spec.vocab_size,
-            max_context=max_context,
-            max_tokens_limit=min(cfg.max_tokens_limit, max_context - 1),
+            max_context=econf.max_context,
+            max_tokens_limit=min(cfg.max_tokens_limit, econf.max_context - 1),
             eos_token_ids=spec.eos_token_ids,
             num_groups=cfg.groups,
             transport=cfg.transport,
         )
-        econf = EngineConfig(
-            kv_blocks=cfg.kv_blocks,
-            block_size=cfg.block_size,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_num_seqs=cfg.max_num_seqs,
-            micro_batches=cfg.micro_batches,
-            max_queue=cfg.max_queue,
-            max_context=max_context,
-        )
-        self.engine = AsyncEngine(spec, engine.model, engine.dispatcher, econf, Tokenizer(cfg.model))
-        self._engine_ref = engine  # keeps the dispatcher's owner alive
+        self.dispatcher = dispatcher
+        self.engine = AsyncEngine(spec, model, dispatcher, econf, Tokenizer(cfg.model))
 
     async def generate(self, request: GenerateRequest):
         async for chunk in self.engine.generate(request):
@@ -91,16 +88,7 @@ class RouterServer:
         out = self.engine.stats()
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out["pid"] = os.getpid()
-        d = self.engine.dispatcher
-        if hasattr(d, "stats"):  # remote: tokens actually sent to each group, failovers, placement in use
-            out.update(
-                tokens_per_group=dict(d.stats.tokens_per_group),
-                failovers=d.stats.failovers,
-                retries=d.stats.retries,
-                placement_version=d.placement.version,
-                dispatch_latency_s=d.stats.latency.to_dict(),
-                transport=d.transport.name,
-            )
+        out.update(self.dispatcher.stats())  # tokens sent to each group, failovers, placement in use
         return out
 
 

@@ -92,6 +92,21 @@ class AppConfig(BaseModel):
     def served_name(self) -> str:
         return self.model_name or Path(self.model).name
 
+    def engine_config(self, model_max_positions: int):
+        """The router's `EngineConfig`: context = the configured limit, the model's, and the KV pool's."""
+        from router.engine import EngineConfig
+
+        max_context = min(self.max_context or model_max_positions, self.kv_blocks * self.block_size)
+        return EngineConfig(
+            kv_blocks=self.kv_blocks,
+            block_size=self.block_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_num_seqs=self.max_num_seqs,
+            micro_batches=self.micro_batches,
+            max_queue=self.max_queue,
+            max_context=max_context,
+        )
+
     def to_args(self) -> dict[str, Any]:
         """Plain dict (secrets revealed) for Serve builder args and deployment constructors."""
         out = self.model_dump()

@@ -1,12 +1,13 @@
-"""Starts expert groups as Ray actors for an engine, and wires a remote dispatcher to them.
+"""Expert groups for an in-process engine: started as Ray actors, or attached through a registry.
 
-Steps of `launch_expert_groups`:
+These are the `emoe.dispatchers` entry points "grpc" and "dist" (pyproject.toml), which
+`Engine.from_pretrained(dispatcher=...)` finds by name. Steps of `launch_expert_groups`:
   1. join the current Ray cluster, or start a local one (127.0.0.1, no dashboard);
   2. start a registry actor for this engine;
   3. start one `ExpertGroupReplica` actor per group (one GPU each when the cluster has GPUs), restarted by
      Ray if it dies, spread over nodes or packed as configured;
   4. wait until every group has registered an endpoint (its weights are loaded by then);
-  5. return a `RemoteDispatcher` whose close() shuts the actors and the registry down.
+  5. return a `LaunchedDispatcher` whose close() shuts the actors and the registry down.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import uuid
 from typing import Any
 
 from emoe.wire import DTYPE_NAMES
-from router.dispatch import DispatchContext
-from router.remote import RemoteDispatcher
-from router.transports import GRPC, DistTransport
+from router.dispatch import DispatchContext, RemoteDispatcher, Transport
+from router.dispatch.dist_transport import DistTransport
+from router.dispatch.grpc_transport import grpc_transport
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,51 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     ray.init(address=address, namespace=NAMESPACE, **init_kwargs)
 
 
-def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatcher:
+def make_transport(name: str, call_timeout_s: float = 30.0) -> Transport:
+    if name == "grpc":
+        return grpc_transport(call_timeout_s)
+    if name == "dist":
+        return DistTransport(call_timeout_s).transport()
+    raise ValueError(f"unknown transport {name!r}; choices: dist, grpc")
+
+
+def grpc_dispatcher(ctx: DispatchContext) -> RemoteDispatcher:
+    return _dispatcher(ctx, "grpc")
+
+
+def dist_dispatcher(ctx: DispatchContext) -> RemoteDispatcher:
+    return _dispatcher(ctx, "dist")
+
+
+def _dispatcher(ctx: DispatchContext, transport: str) -> RemoteDispatcher:
+    if "registry" in ctx.options:
+        return attach_expert_groups(ctx, transport)
+    return launch_expert_groups(ctx, transport)
+
+
+class LaunchedDispatcher(RemoteDispatcher):
+    """A remote dispatcher that owns the actors it reaches: close() shuts them and their registry down."""
+
+    def __init__(self, *args: Any, actors: list[Any], registry: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.actors, self.registry = actors, registry
+
+    def close(self) -> None:
+        import ray
+
+        super().close()
+        for a in self.actors:
+            try:
+                ray.get(a.shutdown.remote(), timeout=10)
+            except Exception as e:  # noqa: BLE001 - already dead: nothing to drain
+                log.info("replica shutdown: %s", e)
+            ray.kill(a, no_restart=True)
+        if self.registry is not None:
+            ray.kill(self.registry, no_restart=True)
+        self.actors, self.registry = [], None
+
+
+def launch_expert_groups(ctx: DispatchContext, transport: str) -> LaunchedDispatcher:
     import ray
 
     from cluster.registry import Registry, RegistryClient
@@ -55,6 +100,9 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
     num_gpus = opts.pop("num_gpus", None)
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    tr = make_transport(transport, float(opts.pop("call_timeout_s", 30.0)))
+    if opts:
+        raise ValueError(f"unknown dispatcher option(s): {', '.join(sorted(opts))}")
 
     name = f"emoe-registry-{uuid.uuid4().hex[:8]}"
     registry = (
@@ -83,24 +131,9 @@ def launch_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
         for r in range(replicas)
     ]
     _wait_registered(registry, actors, len(actors), start_timeout_s)
-    client = RegistryClient(registry)
-
-    def shutdown() -> None:
-        client.close()
-        for a in actors:
-            try:
-                ray.get(a.shutdown.remote(), timeout=10)
-            except Exception as e:  # noqa: BLE001 - already dead: nothing to drain
-                log.info("replica shutdown: %s", e)
-            ray.kill(a, no_restart=True)
-        ray.kill(registry, no_restart=True)
-
-    tr = GRPC if transport == "grpc" else DistTransport(opts.pop("call_timeout_s", 30.0)).transport()
-    if opts:
-        raise ValueError(f"unknown dispatcher option(s): {', '.join(sorted(opts))}")
-    dispatcher = RemoteDispatcher(tr, client, ctx.placement, ctx.dtype, on_close=shutdown)
-    dispatcher.actors, dispatcher.registry, dispatcher.registry_name = actors, registry, name
-    return dispatcher
+    return LaunchedDispatcher(
+        tr, RegistryClient(registry), ctx.placement, ctx.dtype, actors=actors, registry=registry
+    )
 
 
 def _spread_over_nodes(n: int, num_gpus: float) -> list:
@@ -128,6 +161,9 @@ def attach_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
     opts = dict(ctx.options)
     registry = opts.pop("registry")
     start_timeout_s = float(opts.pop("start_timeout_s", 600.0))
+    tr = make_transport(transport, float(opts.pop("call_timeout_s", 30.0)))
+    if opts:
+        raise ValueError(f"unknown dispatcher option(s): {', '.join(sorted(opts))}")
     client = RegistryClient(registry)
     deadline = time.monotonic() + start_timeout_s
     while {e["group"] for e in client.snapshot()[1]} != set(range(ctx.placement.num_groups)):
@@ -135,10 +171,7 @@ def attach_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
             client.close()
             raise TimeoutError(f"expert groups not all registered within {start_timeout_s}s")
         time.sleep(0.2)
-    tr = GRPC if transport == "grpc" else DistTransport(opts.pop("call_timeout_s", 30.0)).transport()
-    if opts:
-        raise ValueError(f"unknown dispatcher option(s): {', '.join(sorted(opts))}")
-    return RemoteDispatcher(tr, client, ctx.placement, ctx.dtype, on_close=client.close)
+    return RemoteDispatcher(tr, client, ctx.placement, ctx.dtype)
 
 
 def _wait_registered(registry, actors, num_replicas: int, timeout_s: float) -> None:

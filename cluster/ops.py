@@ -169,7 +169,6 @@ class OpsState:
             Family("emoe_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use"),
             Family("emoe_queue_depth", "gauge", "Requests waiting for admission"),
             Family("emoe_running_requests", "gauge", "Requests in the running batch"),
-            Family("emoe_dispatch_retries_total", "counter", "Expert calls retried"),
             Family("emoe_failovers_total", "counter", "Expert calls that moved to another replica"),
             Family(
                 "emoe_autoscaling_decisions_total", "counter", "Changes of an expert group's desired replicas"
@@ -206,7 +205,6 @@ class OpsState:
         by["emoe_kv_cache_usage_ratio"].add(r.get("kv_usage", 0.0))
         by["emoe_queue_depth"].add(r.get("waiting", 0))
         by["emoe_running_requests"].add(r.get("running", 0))
-        by["emoe_dispatch_retries_total"].add(r.get("retries", 0))
         by["emoe_failovers_total"].add(r.get("failovers", 0))
         by["emoe_autoscaling_decisions_total"].add(sum(e["kind"] == "autoscale" for e in self.events))
         by["emoe_replacements_total"].add(len(snap.get("replacements", [])))

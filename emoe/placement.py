@@ -55,24 +55,6 @@ class Placement:
                 )
 
     @cached_property
-    def _tables(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """layer -> (group_of [E], slot_of [E]) for the first copy of each expert."""
-        out = {}
-        for layer in self.layers:
-            group_of = torch.full((self.num_experts,), -1, dtype=torch.long)
-            slot_of = torch.full((self.num_experts,), -1, dtype=torch.long)
-            for g, held in enumerate(self.groups):
-                for slot, e in enumerate(held.get(layer, ())):
-                    if group_of[e] < 0:
-                        group_of[e], slot_of[e] = g, slot
-            out[layer] = (group_of, slot_of)
-        return out
-
-    def route(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(group_of [E], slot_of [E]) for one layer: the first copy of each expert."""
-        return self._tables[layer]
-
-    @cached_property
     def _copy_tables(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """layer -> (copies [E], group [E, C], slot [E, C]) over every copy of each expert."""
         out = {}

@@ -122,9 +122,6 @@ class ExpertGroupReplica:
     def ping(self) -> str:
         return self.replica_id
 
-    def stats(self) -> dict:
-        return {"tokens": self.core.tokens_served, "calls": self.core.calls_served}
-
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve custom autoscaling metrics: this replica's routed tokens/s and busy fraction, plus the
         registry's view of every group's load (so each group's policy sees the whole cluster)."""

@@ -7,8 +7,6 @@ An expert id of -1 marks a (token, k) pair that belongs to another group: it con
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -61,9 +59,7 @@ class PackedExperts:
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """oneDNN packed bf16 kernels: CPU with native bf16 (AVX512-BF16 / AMX); EMOE_PACKED_EXPERTS=0 disables."""
-    if os.environ.get("EMOE_PACKED_EXPERTS", "1") == "0":
-        return False
+    """oneDNN packed bf16 kernels: CPU with native bf16 (AVX512-BF16 / AMX)."""
     if dtype != torch.bfloat16 or device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -38,8 +38,6 @@ class ExpertGroupCore:
         self.group = group
         self.stores: dict[int, ExpertStore] = {placement_version: store}  # placement version -> experts
         self.hidden_size, self.device, self.limits = hidden_size, device, limits
-        self.tokens_served = 0
-        self.calls_served = 0
         self.meter = RateMeter(window_s=5.0)
 
     def check(self, layer: int, version: int, n: int, k: int, hidden: int) -> None:
@@ -106,7 +104,5 @@ class ExpertGroupCore:
         out = store.forward(
             layer, hidden.to(self.device), local_ids.to(self.device, torch.long), weights.to(self.device)
         )
-        self.tokens_served += n
-        self.calls_served += 1
         self.meter.record(n, time.perf_counter() - t0)
         return out.to(hidden.dtype)

@@ -25,14 +25,17 @@ class ExpertStore:
         slots: Mapping[int, Sequence[int]],
         gate_up: Mapping[int, torch.Tensor],  # layer -> [E_local, 2I, H]
         down: Mapping[int, torch.Tensor],  # layer -> [E_local, H, I]
+        *,
+        pack: bool = True,
     ):
         self.slots = {layer: tuple(ids) for layer, ids in slots.items()}
         self.gate_up = dict(gate_up)
         self.down = dict(down)
         for layer, ids in self.slots.items():
             assert self.gate_up[layer].shape[0] == len(ids) == self.down[layer].shape[0]
-        # CPU bf16: each layer's weights are re-laid out for oneDNN on its first forward, and the plain
-        # copy dropped (kept as a "meta" tensor of the same shape, for nbytes and checks)
+        # CPU bf16 (and `pack`): each layer's weights are re-laid out for oneDNN on its first forward, and
+        # the plain copy dropped (kept as a "meta" tensor of the same shape, for nbytes and checks)
+        self.pack = pack
         self.packed: dict[int, PackedExperts] = {}
         self._pack_lock = threading.Lock()
 
@@ -92,8 +95,10 @@ class ExpertStore:
 
     def _pack(self, layer: int) -> PackedExperts | None:
         w_gu, w_d = self.gate_up[layer], self.down[layer]
-        if w_gu.device.type == "meta" or not packing_supported(w_gu.dtype, w_gu.device) or not len(w_gu):
+        if not self.pack or w_gu.device.type == "meta" or not len(w_gu):
             return self.packed.get(layer)
+        if not packing_supported(w_gu.dtype, w_gu.device):
+            return None
         with self._pack_lock:
             if layer not in self.packed:
                 self.packed[layer] = PackedExperts(w_gu, w_d)

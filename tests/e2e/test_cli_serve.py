@@ -11,7 +11,7 @@ import time
 
 from tests.e2e.conftest import free_port
 
-EMOE = [sys.executable, "-m", "cluster.cli"]
+EMOE = [sys.executable, "-m", "cli.main"]
 
 
 def processes() -> dict[int, tuple[int, str, str]]:

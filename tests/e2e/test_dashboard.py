@@ -173,7 +173,7 @@ def test_admin_actions_need_the_admin_token(ops_app):
 
 def test_emoe_status_prints_the_same_state(ops_app):
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "status", "--address", ops_app["http"]],
+        [sys.executable, "-m", "cli.main", "status", "--address", ops_app["http"]],
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,8 +15,11 @@ from experts.server import ExpertServicer, GrpcExpertServer
 from experts.service import ExpertGroupCore
 from experts.store import ExpertStore
 from router import Engine
-from router.transports import GRPC, DistTransport
+from router.dispatch.dist_transport import DistTransport
+from router.dispatch.grpc_transport import grpc_transport
 from tests.hf_fixtures import make_hf_checkpoint
+
+GRPC = grpc_transport(call_timeout_s=10)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -74,7 +77,7 @@ def test_grpc_replica_on_cuda():
 
     async def run():
         conn = await GRPC.connect({"grpc_endpoint": endpoint})
-        return await GRPC.call(conn, 0, 0, x, ids, w, 10)
+        return await GRPC.call(conn, 0, 0, x, ids, w)
 
     out = asyncio.run(run())
     want = core.store.forward(0, x.cuda(), ids.cuda(), w.cuda()).cpu()
@@ -96,7 +99,7 @@ def test_nccl_pair_round_trip():
 
     async def run():
         conn = await tr.connect({"dist_endpoint": endpoint, "dist_backend": "nccl"})
-        return await tr.call(conn, 0, 0, x, ids, w, 10)
+        return await tr.call(conn, 0, 0, x, ids, w)
 
     out = asyncio.run(run())
     want = core.store.forward(0, x.to("cuda:1"), ids.to("cuda:1"), w.to("cuda:1"))

@@ -10,7 +10,7 @@ from emoe.api import GenerateRequest, Overloaded, SamplingParams
 from emoe.demo import write_demo_model
 from emoe.tokenizer import Tokenizer
 from router import Engine
-from router.async_engine import AsyncEngine, EngineConfig
+from router.engine.async_engine import AsyncEngine, EngineConfig
 
 PROMPTS = [[5, 6, 7, 8], [100, 200], [9] * 30, [1], list(range(40, 61))]
 

@@ -121,7 +121,7 @@ def test_open_loop_arrivals_are_honoured(demo):
 
 
 def test_cli_bench_writes_its_files(demo, tmp_path, capsys):
-    from cluster.cli import main
+    from cli.main import main
 
     out = tmp_path / "cli" / "r"
     rc = main(

@@ -36,7 +36,7 @@ def test_unreadable_yaml(tmp_path):
 
 
 def test_local_serve_gives_the_router_one_thread_unless_configured():
-    from cluster.serve_cmd import one_machine_threads
+    from cli.serve_cmd import one_machine_threads
 
     assert one_machine_threads(AppConfig(model="m", transport="grpc")).router_torch_threads == 1
     assert (

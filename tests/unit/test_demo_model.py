@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cluster.cli import main
+from cli.main import main
 from emoe.demo import write_demo_model
 from router import Engine
 from tests.hf_fixtures import load_hf_model

@@ -16,8 +16,11 @@ from experts.dist_server import DistExpertServer
 from experts.server import ExpertServicer, GrpcExpertServer
 from experts.service import ExpertGroupCore, PlacementMismatch
 from experts.store import ExpertStore
-from router.remote import TransportError
-from router.transports import GRPC, DistTransport
+from router.dispatch import TransportError
+from router.dispatch.dist_transport import DistTransport
+from router.dispatch.grpc_transport import grpc_transport
+
+GRPC = grpc_transport(call_timeout_s=10)
 
 H, INTER, E = 16, 8, 4
 
@@ -84,7 +87,7 @@ def test_grpc_server_serves_and_refuses_bad_requests(core):
     async def run():
         conn = await GRPC.connect({"grpc_endpoint": endpoint})
         x, ids, w = inputs()
-        out = await GRPC.call(conn, 1, 3, x, ids, w, 10)
+        out = await GRPC.call(conn, 1, 3, x, ids, w)
         torch.testing.assert_close(out, core.store.forward(1, x, ids, w))
         stub = conn.stub
         bad = pb.ExpertForwardRequest(
@@ -101,7 +104,7 @@ def test_grpc_server_serves_and_refuses_bad_requests(core):
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         info = await stub.Info(pb.ExpertInfoRequest())
         assert (info.group, list(info.layers), list(info.slots)) == (0, [1], [4])
-        out2 = await GRPC.call(conn, 1, 3, x, ids, w, 10)  # still serving
+        out2 = await GRPC.call(conn, 1, 3, x, ids, w)  # still serving
         assert torch.equal(out, out2)
         GRPC.close(conn)
 
@@ -119,22 +122,22 @@ def test_grpc_stream_keeps_order_and_survives_refused_calls(core):
     async def run():
         conn = await GRPC.connect({"grpc_endpoint": endpoint})
         batches = [inputs(n, 2) for n in (1, 3, 6, 2, 5)]
-        outs = await asyncio.gather(*(GRPC.call(conn, 1, 3, x, ids, w, 10) for x, ids, w in batches))
+        outs = await asyncio.gather(*(GRPC.call(conn, 1, 3, x, ids, w) for x, ids, w in batches))
         for (x, ids, w), out in zip(batches, outs, strict=True):
             torch.testing.assert_close(out, core.store.forward(1, x, ids, w))
         x, ids, w = batches[1]
         with pytest.raises(ValueError, match="local_ids"):
-            await GRPC.call(conn, 1, 3, x, ids + 10, w, 10)
+            await GRPC.call(conn, 1, 3, x, ids + 10, w)
         with pytest.raises(TransportError, match="FAILED_PRECONDITION"):
-            await GRPC.call(conn, 1, 9, x, ids, w, 10)
+            await GRPC.call(conn, 1, 9, x, ids, w)
         with pytest.raises(ValueError, match="layer 0"):
-            await GRPC.call(conn, 0, 3, x, ids, w, 10)
+            await GRPC.call(conn, 0, 3, x, ids, w)
         assert conn.broken is None
-        torch.testing.assert_close(await GRPC.call(conn, 1, 3, x, ids, w, 10), outs[1])
+        torch.testing.assert_close(await GRPC.call(conn, 1, 3, x, ids, w), outs[1])
         server.stop()
         t0 = time.monotonic()
         with pytest.raises(TransportError):
-            await GRPC.call(conn, 1, 3, x, ids, w, 10)
+            await GRPC.call(conn, 1, 3, x, ids, w)
         assert time.monotonic() - t0 < 5
         await conn.close()
 
@@ -152,18 +155,19 @@ def test_gloo_pairs_serve_and_survive_a_bad_header(core):
         x, ids, w = inputs(7, 3)
         want = core.store.forward(1, x, ids, w)
         for conn in (a, b):
-            torch.testing.assert_close(await tr.call(conn, 1, 3, x, ids, w, 10), want)
+            torch.testing.assert_close(await tr.call(conn, 1, 3, x, ids, w), want)
         # a layer this group does not hold: refused with a status, the pair stays usable
         with pytest.raises(ValueError, match="refused"):
-            await tr.call(a, 5, 3, x, ids, w, 10)
-        with pytest.raises(ValueError, match="placement version"):
-            await tr.call(a, 1, 4, x, ids, w, 10)
-        torch.testing.assert_close(await tr.call(a, 1, 3, x, ids, w, 10), want)
+            await tr.call(a, 5, 3, x, ids, w)
+        # another placement version (a re-placement in progress): retried elsewhere, as on gRPC (issue 13)
+        with pytest.raises(TransportError, match="placement version"):
+            await tr.call(a, 1, 4, x, ids, w)
+        torch.testing.assert_close(await tr.call(a, 1, 3, x, ids, w), want)
         # a header whose sizes break the limits: that pair is closed, the other keeps working
         p2p.send(a.pg, torch.tensor([p2p.OP_FORWARD, 1, 3, 1 << 40, 1, H, 0]), 1)
         with pytest.raises(TransportError):
-            await tr.call(a, 1, 3, x, ids, w, 2)
-        torch.testing.assert_close(await tr.call(b, 1, 3, x, ids, w, 10), want)
+            await tr.call(a, 1, 3, x, ids, w)
+        torch.testing.assert_close(await tr.call(b, 1, 3, x, ids, w), want)
         tr.close(b)
 
     asyncio.run(run())

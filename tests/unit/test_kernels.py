@@ -18,9 +18,9 @@ from experts.ffn import (
     use_padded,
 )
 from experts.store import ExpertStore
-from router.attention import _sdpa, _sdpa_decode
-from router.kv_cache import KVPool, PagedDecode, PagedSequenceCache
-from router.layers import Linear
+from router.model.attention import _sdpa, _sdpa_decode
+from router.model.kv_cache import KVPool, PagedDecode, PagedSequenceCache
+from router.model.layers import Linear
 
 CPU_BF16 = packing_supported(torch.bfloat16, torch.device("cpu"))
 needs_bf16 = pytest.mark.skipif(
@@ -78,8 +78,19 @@ def test_packed_experts_equal_the_plain_bf16_kernel():
     torch.testing.assert_close(got.float(), plain.float(), atol=2e-2, rtol=1e-2)
 
 
+def test_packing_is_a_store_option_not_an_environment_variable(monkeypatch):
+    """Issue 13, bug 3: the math read EMOE_PACKED_EXPERTS; now the store is told once, at construction."""
+    monkeypatch.setenv("EMOE_PACKED_EXPERTS", "1")
+    w_gu, w_d = _experts(4, 32, 16, torch.bfloat16)
+    store = ExpertStore({0: range(4)}, {0: w_gu}, {0: w_d}, pack=False)
+    x, ids, w = _routing(5, 2, 4, 32, torch.bfloat16)
+    got = store.forward(0, x, ids, w)
+    assert not store.packed and store.gate_up[0].device.type == "cpu"  # the plain weights stay in use
+    torch.testing.assert_close(got, expert_ffn_grouped(x, ids, w, w_gu, w_d))
+
+
 @needs_bf16
-def test_store_packs_on_first_forward_and_keeps_its_size(monkeypatch):
+def test_store_packs_on_first_forward_and_keeps_its_size():
     w_gu, w_d = _experts(6, 64, 32, torch.bfloat16)
     store = ExpertStore({0: range(6)}, {0: w_gu}, {0: w_d})
     size = store.nbytes()
@@ -87,8 +98,7 @@ def test_store_packs_on_first_forward_and_keeps_its_size(monkeypatch):
     got = store.forward(0, x, ids, w)
     assert 0 in store.packed and store.gate_up[0].device.type == "meta"  # the plain copy is gone
     assert store.nbytes() == size
-    monkeypatch.setenv("EMOE_PACKED_EXPERTS", "0")
-    plain = ExpertStore({0: range(6)}, {0: w_gu}, {0: w_d})
+    plain = ExpertStore({0: range(6)}, {0: w_gu}, {0: w_d}, pack=False)
     torch.testing.assert_close(got.float(), plain.forward(0, x, ids, w).float(), atol=2e-2, rtol=1e-2)
     assert not plain.packed
     with pytest.raises(RuntimeError, match="packed"):

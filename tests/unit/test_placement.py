@@ -11,9 +11,9 @@ def test_contiguous_is_balanced_and_complete(num_experts, num_groups):
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == num_experts
     flat = [e for g in p.groups for e in g[2]]
     assert flat == list(range(num_experts))  # contiguous, in order
-    group_of, slot_of = p.route(1)
+    group, slot = p.route_pairs(1, torch.arange(num_experts).unsqueeze(1))  # [E, 1]: one pair per expert
     for e in range(num_experts):
-        assert p.groups[int(group_of[e])][1][int(slot_of[e])] == e
+        assert p.groups[int(group[e, 0])][1][int(slot[e, 0])] == e
 
 
 def test_json_round_trip_keeps_version_and_replicas():
@@ -21,7 +21,8 @@ def test_json_round_trip_keeps_version_and_replicas():
     p = Placement(version=7, num_experts=4, groups=groups)
     q = Placement.from_json(p.to_json())
     assert q == p and q.version == 7
-    assert torch.equal(q.route(0)[0], torch.tensor([0, 0, 0, 1]))
+    group, _ = q.route_pairs(0, torch.tensor([[0], [1], [3]]))
+    assert group.flatten().tolist() == [0, 0, 1]
 
 
 def test_placement_without_every_expert_is_rejected():

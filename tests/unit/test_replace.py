@@ -7,7 +7,7 @@ import torch
 from emoe.placement import Placement
 from emoe.replace import plan, plan_layer, predicted_group_loads
 from experts.store import ExpertStore
-from router.dispatch import LocalDispatcher
+from router.dispatch.local import LocalDispatcher
 
 
 def imbalance(loads: list[float]) -> float:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from router import Engine
-from router.sampling import Sampler, SamplingParams
+from router.engine.sampling import Sampler, SamplingParams
 from tests.conftest import write_tiny
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.scheduler import BlockManager, Scheduler, Sequence, Status
+from router.engine.scheduler import BlockManager, Scheduler, Sequence, Status
 
 
 def seq(rid: str, n_prompt: int, max_tokens: int = 8) -> Sequence:

@@ -6,7 +6,13 @@ import torch
 
 from emoe.api import SamplingParams
 
-__all__ = ["Sampler", "SamplingParams"]
+__all__ = ["Sampler", "SamplingParams", "stop_token_set"]
+
+
+def stop_token_set(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> frozenset[int]:
+    """Tokens that end a sequence (and are included in its output): the request's stop ids, plus the
+    model's eos ids unless `ignore_eos`."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_token_ids))
 
 
 class Sampler:

@@ -15,27 +15,16 @@ from typing import Any
 
 import torch
 
-from emoe.checkpoint import Checkpoint
 from emoe.placement import Placement
 from emoe.spec import ModelSpec
-from router.attention import Segment
 from router.dispatch import DispatchContext, Dispatcher, get_dispatcher
-from router.kv_cache import SequenceCache
-from router.model import RouterModel
-from router.sampling import Sampler, SamplingParams
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"unsupported dtype {dtype!r}; choices: {', '.join(DTYPES)}")
+from router.engine.sampling import Sampler, SamplingParams, stop_token_set
+from router.model import RouterModel, Segment, Segments, SequenceCache, load_router_model, parse_dtype
 
 
 class Engine:
+    """The engine over an already-built dispatcher; `from_pretrained` builds one from a checkpoint."""
+
     def __init__(self, spec: ModelSpec, model: RouterModel, dispatcher: Dispatcher):
         self.spec, self.model, self.dispatcher = spec, model, dispatcher
         self._loop = asyncio.new_event_loop()
@@ -56,24 +45,12 @@ class Engine:
         "dist" start one Ray actor per group in the current Ray cluster (started on demand) and reach them
         over gRPC or torch.distributed. `engine.close()` shuts those actors down.
         """
-        torch_dtype = parse_dtype(dtype)
+        torch_dtype, dev = parse_dtype(dtype), torch.device(device)
         factory = get_dispatcher(dispatcher)
-        spec = ModelSpec.from_pretrained(path)
-        ckpt = Checkpoint(path, spec)
-        dev = torch.device(device)
-        try:
-            ckpt.check_shapes()
-
-            def get(name: str, want: torch.dtype | None = None) -> torch.Tensor:
-                return ckpt.get(name, want or torch_dtype).to(dev)
-
-            model = RouterModel(spec, get, torch_dtype)
-            placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, num_groups)
-            ctx = DispatchContext(Path(path), spec, torch_dtype, dev, placement, ckpt, dispatcher_options)
-            dispatch = factory(ctx)
-        finally:
-            ckpt.close()
-        return cls(spec, model, dispatch)
+        spec, model = load_router_model(path, torch_dtype, dev)
+        placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, num_groups)
+        ctx = DispatchContext(Path(path), spec, torch_dtype, dev, placement, dict(dispatcher_options))
+        return cls(spec, model, factory(ctx))
 
     # ---- public API ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -112,7 +89,7 @@ class Engine:
             ignore_eos=ignore_eos,
         )
         seqs = self._check_tokens(token_id_lists)
-        stops = set(params.stop_token_ids) | (set() if ignore_eos else set(self.spec.eos_token_ids))
+        stops = stop_token_set(params, self.spec.eos_token_ids)
         samplers = [
             Sampler(SamplingParams(**{**params.__dict__, "seed": None if seed is None else seed + i}))
             for i in range(len(seqs))
@@ -175,7 +152,7 @@ class Engine:
     async def _forward(
         self, seqs: list[list[int]], caches: list[SequenceCache], last_only: bool = False
     ) -> torch.Tensor:
-        segments, start = [], 0
+        segments, start = Segments(), 0
         for seq, cache in zip(seqs, caches, strict=True):
             segments.append(Segment(cache, start, len(seq), cache.length))
             start += len(seq)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(".emoe/demo-model")
+from cluster.config import DEFAULT_MODEL_DIR
 
 
 def _int_list(text: str) -> list[int]:
@@ -93,7 +93,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cluster.status_cmd import status_main
+    from cli.status_cmd import status_main
 
     try:
         return status_main(args.address)
@@ -116,7 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.serve_cmd import serve_main
+    from cli.serve_cmd import serve_main
 
     return serve_main(args)
 

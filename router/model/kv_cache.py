@@ -48,9 +48,6 @@ class SequenceCache:
         self.length += n
         assert all(f in (0, self.length) for f in self._filled), "layers out of step"
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for bufs in self._layers if bufs for b in bufs)
-
 
 class KVPool:
     """The physical KV storage of a router: per layer, tensors of [num_blocks * block_size, ...] positions.
@@ -69,9 +66,6 @@ class KVPool:
             n = self.num_blocks * self.block_size
             bufs = self.layers[layer] = [t.new_zeros((n, *t.shape[1:])) for t in like]
         return bufs
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for bufs in self.layers if bufs for b in bufs)
 
 
 class PagedSequenceCache:

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from emoe.spec import ModelSpec
-from router.attention import GQAAttention, MLAAttention, Segment
-from router.dispatch import Dispatcher
-from router.gating import Gate
-from router.layers import Linear, Rope, fused, rms_norm
+from router.dispatch.base import Dispatcher
+from router.model.attention import GQAAttention, MLAAttention, Segments
+from router.model.gating import Gate
+from router.model.layers import Linear, Rope, fused, rms_norm
 
 Getter = Callable[..., torch.Tensor]  # get(name, dtype=None) -> tensor
 
@@ -68,7 +68,7 @@ class DecoderLayer:
         self.moe = MoEBlock(spec, layer, get) if spec.moe_layers[layer] else None
         self.mlp = None if self.moe else MLP(get, f"{p}.mlp")
 
-    async def __call__(self, h, cos_sin, segments: list[Segment], dispatcher: Dispatcher) -> torch.Tensor:
+    async def __call__(self, h, cos_sin, segments: Segments, dispatcher: Dispatcher) -> torch.Tensor:
         h = h + self.attn(rms_norm(h, self.in_norm, self.eps), cos_sin, segments)
         x = rms_norm(h, self.post_norm, self.eps)
         y = await self.moe(x, dispatcher) if self.moe else self.mlp(x)
@@ -89,9 +89,7 @@ class RouterModel:
         )
         self.layers = [DecoderLayer(spec, i, get, self.rope) for i in range(spec.num_layers)]
 
-    async def forward(
-        self, tokens: torch.Tensor, segments: list[Segment], dispatcher: Dispatcher
-    ) -> torch.Tensor:
+    async def forward(self, tokens: torch.Tensor, segments: Segments, dispatcher: Dispatcher) -> torch.Tensor:
         """tokens [T] -> final hidden states [T, H]; appends every segment's keys and values to its cache."""
         positions = torch.cat([torch.arange(s.past, s.past + s.n) for s in segments]).to(self.device)  # [T]
         cos_sin = self.rope.cos_sin(positions, self.dtype)

@@ -25,12 +25,10 @@ from emoe.api import GenerateChunk, GenerateRequest, Overloaded, UnknownRequest
 from emoe.metrics import Histogram
 from emoe.spec import ModelSpec
 from emoe.tokenizer import IncrementalDetokenizer, Tokenizer
-from router.attention import Segment, Segments
 from router.dispatch import Dispatcher
-from router.kv_cache import KVPool, PagedDecode, PagedSequenceCache
-from router.model import RouterModel
-from router.sampling import Sampler
-from router.scheduler import BlockManager, Scheduler, Sequence, Status
+from router.engine.sampling import Sampler, stop_token_set
+from router.engine.scheduler import BlockManager, Scheduler, Sequence, Status
+from router.model import KVPool, PagedDecode, PagedSequenceCache, RouterModel, Segment, Segments
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +146,9 @@ class AsyncEngine:
             raise ValueError(
                 f"prompt of {len(request.prompt_token_ids)} tokens leaves no room in the context"
             )
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_token_ids))
+        stops = stop_token_set(p, self.spec.eos_token_ids)
         detok = self.tokenizer.detokenizer(request.prompt_token_ids) if self.tokenizer else None
-        state = RequestState(
-            request, Sampler(p, request.resume_offset), asyncio.Queue(), detok, frozenset(stops)
-        )
+        state = RequestState(request, Sampler(p, request.resume_offset), asyncio.Queue(), detok, stops)
         seq = Sequence(request.request_id, list(request.prompt_token_ids), max_tokens, state=state)
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -201,9 +197,7 @@ class AsyncEngine:
     async def _step(self, chunks) -> None:
         t0 = time.perf_counter()
         self.in_flight = {c.seq for c in chunks}
-        begin = getattr(self.dispatcher, "begin_step", None)
-        if begin is not None:
-            begin()
+        self.dispatcher.begin_step()
         with torch.inference_mode():
             parts = await asyncio.gather(*(self._forward(part) for part in self._split(chunks)))
             rows = [lg for lg in parts if lg is not None]

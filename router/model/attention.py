@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from emoe.spec import ModelSpec
-from router.kv_cache import PagedDecode, SequenceCache
-from router.layers import Linear, Rope, fused, rms_norm
+from router.model.kv_cache import PagedDecode, SequenceCache
+from router.model.layers import Linear, Rope, fused, rms_norm
 
 
 @dataclass
@@ -106,7 +106,7 @@ class GQAAttention:
         self.q_norm = opt(f"{p}.q_norm.weight", spec.qk_norm is not None)
         self.k_norm = opt(f"{p}.k_norm.weight", spec.qk_norm is not None)
 
-    def __call__(self, x: torch.Tensor, cos_sin, segments: list[Segment]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cos_sin, segments: Segments) -> torch.Tensor:
         s, t = self.spec, x.shape[0]
         q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
         if s.qk_norm == "full":  # RMSNorm over the whole projection (MiniMax-M2)
@@ -119,7 +119,7 @@ class GQAAttention:
         cos, sin = cos_sin
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
 
-        decode = getattr(segments, "decode", None)
+        decode = segments.decode
         if decode is not None:  # one position per sequence: the whole batch at once
             kk, vv = decode.append_and_read(self.layer, k, v)  # [B * Nkv, L, D]
             out = _sdpa_decode(q, kk, vv, decode, s.sliding_window, s.attn_scale)
@@ -153,7 +153,7 @@ class MLAAttention:
         self.wkv_b = get(f"{p}.kv_b_proj.weight")
         self.wo, self.bo = get(f"{p}.o_proj.weight"), opt(f"{p}.o_proj.bias", spec.o_bias)
 
-    def __call__(self, x: torch.Tensor, cos_sin, segments: list[Segment]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cos_sin, segments: Segments) -> torch.Tensor:
         s, t = self.spec, x.shape[0]
         nope, rdim, r = s.qk_nope_head_dim, s.qk_rope_head_dim, s.kv_lora_rank
         if self.wq is not None:

@@ -16,34 +16,16 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from emoe.load import ExpertLoad
 from emoe.metrics import Histogram
 from emoe.placement import Placement
-from router.dispatch import split_by_group
+from router.dispatch.base import DispatchError, EndpointSource, TransportError, split_by_group
 
 log = logging.getLogger(__name__)
-
-
-class EndpointSource(Protocol):
-    """What the router needs of the registry: a snapshot of replicas, and a way to report a dead one."""
-
-    def snapshot(self) -> tuple[int, list[dict[str, Any]]]: ...
-
-    def report_unreachable(self, replica_id: str) -> None: ...
-
-    def publish_load(self, router_id: str, loads: dict[int, list[float]]) -> None: ...
-
-
-class DispatchError(RuntimeError):
-    """No replica of a group answered within the bounded wait."""
-
-
-class TransportError(RuntimeError):
-    """A call to one replica failed (connection lost, timeout, server error)."""
 
 
 @dataclass
@@ -61,7 +43,6 @@ class Replica:
 @dataclass
 class DispatchStats:
     calls: int = 0
-    retries: int = 0
     failovers: int = 0
     tokens_per_group: dict[int, int] = field(default_factory=dict)
     latency: Histogram = field(default_factory=Histogram)  # one group call, seconds
@@ -71,7 +52,7 @@ class DispatchStats:
 class Transport:
     name: str
     connect: Callable[[dict[str, Any]], Awaitable[Any]]
-    # call(conn, layer, version, hidden, local_ids, weights, timeout_s) -> [n, H]
+    # call(conn, layer, version, hidden, local_ids, weights) -> [n, H]; each transport bounds its own wait
     call: Callable[..., Awaitable[torch.Tensor]]
     close: Callable[[Any], None]
 
@@ -133,23 +114,17 @@ class RemoteDispatcher:
         placement: Placement,
         wire_dtype: torch.dtype,
         *,
-        call_timeout_s: float = 30.0,
         replacement_wait_s: float = 60.0,
-        on_close: Callable[[], None] | None = None,
     ):
         self.transport, self.placement, self.wire_dtype = transport, placement, wire_dtype
+        self.source = source
         self.pool = ReplicaPool(source)
-        self.call_timeout_s, self.replacement_wait_s = call_timeout_s, replacement_wait_s
-        self.stats = DispatchStats()
-        self._on_close = on_close
+        self.replacement_wait_s = replacement_wait_s
+        self.counters = DispatchStats()
         self.router_id = uuid.uuid4().hex[:12]
         self.expert_load = ExpertLoad(placement.layers, placement.num_experts)
         self.publish_every_s = 1.0
         self._last_publish = 0.0
-        # set by whoever started the replicas (cluster.launch), for tests and operators
-        self.actors: list[Any] = []
-        self.registry: Any = None
-        self.registry_name = ""
 
     async def forward(self, layer, hidden, topk_ids, topk_weights):
         self._count(layer, topk_ids)
@@ -170,18 +145,28 @@ class RemoteDispatcher:
     def begin_step(self) -> None:
         """Step boundary: switch to a newer active placement, if the registry has one. A step runs
         entirely on the placement it began with (the forward of every layer reads `self.placement`)."""
-        get = getattr(self.pool.source, "active_placement", None)
-        text = get() if get else None
+        text = self.source.active_placement()
         if text:
             new = Placement.from_json(text)
             if new.version > self.placement.version:
                 log.info("switching to placement v%d", new.version)
                 self.placement = new
 
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "transport": self.transport.name,
+            "placement_version": self.placement.version,
+            "calls": c.calls,
+            "failovers": c.failovers,
+            "tokens_per_group": dict(c.tokens_per_group),
+            "dispatch_latency_s": c.latency.to_dict(),
+        }
+
     async def _call_group(self, group, layer, x, local_ids, weights, placement) -> torch.Tensor:
         n = x.shape[0]
-        self.stats.calls += 1
-        self.stats.tokens_per_group[group] = self.stats.tokens_per_group.get(group, 0) + n
+        self.counters.calls += 1
+        self.counters.tokens_per_group[group] = self.counters.tokens_per_group.get(group, 0) + n
         tried: set[str] = set()
         deadline = time.monotonic() + self.replacement_wait_s
         while True:
@@ -191,17 +176,17 @@ class RemoteDispatcher:
                 if replica.conn is None:
                     replica.conn = await self.transport.connect(replica.info)
                 t0 = time.perf_counter()
-                out = await self.transport.call(
-                    replica.conn, layer, placement.version, x, local_ids, weights, self.call_timeout_s
-                )
-                self.stats.latency.observe(time.perf_counter() - t0)
+                out = await self.transport.call(replica.conn, layer, placement.version, x, local_ids, weights)
+                self.counters.latency.observe(time.perf_counter() - t0)
                 return out
-            except TransportError as e:
+            except (
+                TransportError,
+                asyncio.TimeoutError,
+            ) as e:  # a timeout: not built-in TimeoutError on 3.10
                 log.warning("group %d replica %s failed (%s); retrying", group, replica.id, e)
                 self._drop(replica)
                 tried.add(replica.id)
-                self.stats.retries += 1
-                self.stats.failovers += 1
+                self.counters.failovers += 1
             finally:
                 replica.outstanding -= n
 
@@ -209,11 +194,11 @@ class RemoteDispatcher:
         """Routed tokens per (layer, expert) over a sliding window, published to the registry each second."""
         self.expert_load.record(layer, topk_ids)
         now = time.monotonic()
-        if now - self._last_publish >= self.publish_every_s and hasattr(self.pool.source, "publish_load"):
+        if now - self._last_publish >= self.publish_every_s:
             self._last_publish = now
             rates = self.expert_load.rates()
             loads = {layer: rates[i].tolist() for i, layer in enumerate(self.expert_load.layers)}
-            self.pool.source.publish_load(self.router_id, loads)
+            self.source.publish_load(self.router_id, loads)
 
     def _drop(self, replica: Replica) -> None:
         if replica.conn is not None:
@@ -226,6 +211,4 @@ class RemoteDispatcher:
             if r.conn is not None:
                 self.transport.close(r.conn)
                 r.conn = None
-        if self._on_close is not None:
-            self._on_close()
-            self._on_close = None
+        self.source.close()
