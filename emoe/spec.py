@@ -195,19 +195,25 @@ def _no_sliding(cfg: dict[str, Any]) -> None:
         raise UnsupportedModelError("unsupported setting use_sliding_window=true")
 
 
-def _mixtral(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
-    n = common["num_layers"]
-    return ModelSpec(
-        **common,
-        sliding_window=cfg.get("sliding_window"),
+def _block_sparse_moe(cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """The MoE fields of Mixtral's layout (`block_sparse_moe`, experts w1/w3/w2), shared by MiniMax-M2."""
+    return dict(
         num_experts=_req(cfg, "num_local_experts"),
         top_k=_req(cfg, "num_experts_per_tok"),
         moe_intermediate_size=_req(cfg, "intermediate_size"),
-        routing=ROUTING_SOFTMAX,
         norm_topk_prob=True,
-        moe_layers=(True,) * n,
+        moe_layers=(True,) * num_layers,
         moe_prefix="block_sparse_moe",
         expert_names=("w1", "w3", "w2"),
+    )
+
+
+def _mixtral(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(
+        **common,
+        **_block_sparse_moe(cfg, common["num_layers"]),
+        sliding_window=cfg.get("sliding_window"),
+        routing=ROUTING_SOFTMAX,
     )
 
 
@@ -259,18 +265,11 @@ def _minimax_m2(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
     scoring = cfg.get("scoring_func", "sigmoid")
     if scoring != "sigmoid":
         raise UnsupportedModelError(f"unsupported setting scoring_func={scoring!r} for minimax_m2")
-    n = common["num_layers"]
     return ModelSpec(
         **common,
+        **_block_sparse_moe(cfg, common["num_layers"]),
         qk_norm="full",
-        num_experts=_req(cfg, "num_local_experts"),
-        top_k=_req(cfg, "num_experts_per_tok"),
-        moe_intermediate_size=_req(cfg, "intermediate_size"),
         routing=ROUTING_SIGMOID_BIAS,
-        norm_topk_prob=True,
-        moe_layers=(True,) * n,
-        moe_prefix="block_sparse_moe",
-        expert_names=("w1", "w3", "w2"),
         bias_key="e_score_correction_bias",
     )
 

@@ -183,7 +183,7 @@ class RemoteDispatcher:
                 TransportError,
                 asyncio.TimeoutError,
             ) as e:  # a timeout: not built-in TimeoutError on 3.10
-                log.warning("group %d replica %s failed (%s); retrying", group, replica.id, e)
+                log.warning("group %d replica %s failed (%r); retrying", group, replica.id, e)
                 self._drop(replica)
                 tried.add(replica.id)
                 self.counters.failovers += 1
