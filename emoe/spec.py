@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emoe.rope import RopeScaling, UnsupportedRope, parse_rope
+
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "minimax_m2", "deepseek_v3")
 
 ROUTING_SOFTMAX = "softmax_topk"  # softmax -> top-k (-> renormalize)
@@ -48,6 +50,7 @@ class ModelSpec:
     qk_norm: str | None = None  # None | "head" (per head, Qwen3) | "full" (whole projection, MiniMax-M2)
     sliding_window: int | None = None
     rope_interleave: bool = False
+    rope_scaling: RopeScaling = RopeScaling()
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -82,8 +85,23 @@ class ModelSpec:
 
     @property
     def attn_scale(self) -> float:
-        dim = self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
-        return dim**-0.5
+        if self.attention == "mla":  # DeepSeek: a scaled RoPE also scales the softmax
+            return (
+                self.qk_nope_head_dim + self.qk_rope_head_dim
+            ) ** -0.5 * self.rope_scaling.mla_softmax_scale()
+        return self.head_dim**-0.5
+
+    @property
+    def max_context(self) -> int:
+        """Positions the model is trained (or scaled) for: max_position_embeddings, times the RoPE
+        factor when the release's max_position_embeddings is the original, unscaled one."""
+        s = self.rope_scaling
+        if (
+            s.original_max_position_embeddings
+            and s.original_max_position_embeddings < self.max_position_embeddings
+        ):
+            return self.max_position_embeddings  # already the extended context (Qwen3, DeepSeek-V3 style)
+        return int(self.max_position_embeddings * s.context_factor)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -118,22 +136,6 @@ def _req(cfg: dict[str, Any], key: str) -> Any:
     return cfg[key]
 
 
-def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Rope settings, from transformers v5 `rope_parameters` or the older flat keys."""
-    rope = dict(cfg.get("rope_parameters") or {})
-    legacy = cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
-    if rope_type != "default":
-        raise UnsupportedModelError(f"unsupported setting rope_type={rope_type!r} (only 'default' RoPE)")
-    theta = rope.get("rope_theta", cfg.get("rope_theta"))
-    if theta is None:
-        raise ValueError(f"config.json ({cfg.get('model_type')}): missing required key 'rope_theta'")
-    return {
-        "theta": float(theta),
-        "partial": rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor")),
-    }
-
-
 def _check_common(cfg: dict[str, Any]) -> None:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
@@ -157,8 +159,11 @@ def _eos(cfg: dict[str, Any]) -> tuple[int, ...]:
 def _common_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     hidden, heads = _req(cfg, "hidden_size"), _req(cfg, "num_attention_heads")
     head_dim = cfg.get("head_dim") or hidden // heads
-    rope = _rope(cfg)
-    partial = rope["partial"] if rope["partial"] is not None else 1.0
+    try:
+        theta, partial, scaling = parse_rope(cfg)
+    except UnsupportedRope as e:
+        raise UnsupportedModelError(str(e)) from e
+    partial = partial if partial is not None else 1.0
     if cfg.get("rotary_dim"):
         partial = cfg["rotary_dim"] / head_dim
     q = cfg.get("quantization_config")
@@ -172,7 +177,8 @@ def _common_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope["theta"],
+        rope_theta=theta,
+        rope_scaling=scaling,
         rotary_dim=int(head_dim * partial),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

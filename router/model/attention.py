@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from emoe.spec import ModelSpec
 from router.model.kv_cache import PagedDecode, SequenceCache
-from router.model.layers import Linear, Rope, fused, rms_norm
+from router.model.layers import Linear, fused, rms_norm
+from router.model.rope import Rope
 
 
 @dataclass
@@ -134,6 +135,9 @@ class GQAAttention:
         return self.o(out)
 
 
+MLA_LATENT_NORM_EPS = 1e-6  # transformers' DeepSeek-V3 latent norms use their default, not rms_norm_eps
+
+
 class MLAAttention:
     """DeepSeek multi-head latent attention: the cache holds the compressed latent and the rotary key."""
 
@@ -159,11 +163,11 @@ class MLAAttention:
         if self.wq is not None:
             q = F.linear(x, self.wq)
         else:
-            qa = rms_norm(F.linear(x, self.wq_a, self.bq_a), self.q_a_norm, s.rms_norm_eps)
+            qa = rms_norm(F.linear(x, self.wq_a, self.bq_a), self.q_a_norm, MLA_LATENT_NORM_EPS)
             q = F.linear(qa, self.wq_b)
         q = q.view(t, s.num_heads, nope + rdim)  # [T, N, nope + R]
         ckv = F.linear(x, self.wkv_a, self.bkv_a)  # [T, r + R]
-        latent = rms_norm(ckv[:, :r], self.kv_a_norm, s.rms_norm_eps)  # [T, r]
+        latent = rms_norm(ckv[:, :r], self.kv_a_norm, MLA_LATENT_NORM_EPS)  # [T, r]
         k_rot = ckv[:, r:].unsqueeze(1)  # [T, 1, R]
         cos, sin = cos_sin
         q_rot, k_rot = self.rope.apply(q[..., nope:], cos, sin), self.rope.apply(k_rot, cos, sin)

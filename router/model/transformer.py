@@ -15,7 +15,8 @@ from emoe.spec import ModelSpec
 from router.dispatch.base import Dispatcher
 from router.model.attention import GQAAttention, MLAAttention, Segments
 from router.model.gating import Gate
-from router.model.layers import Linear, Rope, fused, rms_norm
+from router.model.layers import Linear, fused, rms_norm
+from router.model.rope import Rope
 
 Getter = Callable[..., torch.Tensor]  # get(name, dtype=None) -> tensor
 
@@ -85,14 +86,22 @@ class RouterModel:
         self.norm = get("model.norm.weight")
         self.device = self.embed.device
         self.rope = Rope(
-            spec.rotary_dim, spec.rope_theta, interleave=spec.rope_interleave, device=self.device
+            spec.rotary_dim,
+            spec.rope_theta,
+            scaling=spec.rope_scaling,
+            max_position_embeddings=spec.max_position_embeddings,
+            interleave=spec.rope_interleave,
+            device=self.device,
         )
         self.layers = [DecoderLayer(spec, i, get, self.rope) for i in range(spec.num_layers)]
 
     async def forward(self, tokens: torch.Tensor, segments: Segments, dispatcher: Dispatcher) -> torch.Tensor:
         """tokens [T] -> final hidden states [T, H]; appends every segment's keys and values to its cache."""
         positions = torch.cat([torch.arange(s.past, s.past + s.n) for s in segments]).to(self.device)  # [T]
-        cos_sin = self.rope.cos_sin(positions, self.dtype)
+        ends = None
+        if self.rope.scaling.type == "dynamic":  # per-sequence lengths [T]
+            ends = torch.cat([torch.full((s.n,), s.past + s.n) for s in segments]).to(self.device)
+        cos_sin = self.rope.cos_sin(positions, self.dtype, ends)
         h = F.embedding(tokens, self.embed)  # [T, H]
         for layer in self.layers:
             h = await layer(h, cos_sin, segments, dispatcher)

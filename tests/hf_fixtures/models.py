@@ -122,7 +122,7 @@ _ROUTER_RE = re.compile(r"\.mlp\.gate\.weight$")
 _NORM_RE = re.compile(r"(norm|layernorm)[^.]*\.weight$")
 
 
-def _make_config(family: str, *, vocab_size: int, tie_word_embeddings: bool):
+def _make_config(family: str, *, vocab_size: int, tie_word_embeddings: bool, overrides: dict | None = None):
     import transformers
 
     if family not in FAMILIES:
@@ -138,6 +138,7 @@ def _make_config(family: str, *, vocab_size: int, tie_word_embeddings: bool):
         initializer_range=INIT_STD,
         dtype="float32",
     )
+    kwargs.update(overrides or {})
     return cls(**kwargs)
 
 
@@ -171,11 +172,21 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
             b.copy_((E_SCORE_BIAS_STD * randn(b)).to(b.dtype))
 
 
-def build_hf_model(family: str, *, seed: int = 0, vocab_size: int = 128, tie_word_embeddings: bool = False):
-    """The randomized in-memory model that :func:`make_hf_checkpoint` saves (fp32, eval mode, eager attention)."""
+def build_hf_model(
+    family: str,
+    *,
+    seed: int = 0,
+    vocab_size: int = 128,
+    tie_word_embeddings: bool = False,
+    config_overrides: dict | None = None,
+):
+    """The randomized in-memory model that :func:`make_hf_checkpoint` saves (fp32, eval mode, eager attention).
+    `config_overrides` replace config fields (e.g. ``rope_parameters`` of a long-context release)."""
     from transformers import AutoModelForCausalLM
 
-    config = _make_config(family, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings)
+    config = _make_config(
+        family, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings, overrides=config_overrides
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     _randomize_(model, seed)
@@ -192,11 +203,18 @@ def make_hf_checkpoint(
     vocab_size: int = 128,
     max_shard_size: str = "40KB",
     tie_word_embeddings: bool = False,
+    config_overrides: dict | None = None,
 ) -> Path:
     """Builds a tiny random ``family`` model with transformers' classes and ``save_pretrained``s it (fp32,
     sharded safetensors + ``model.safetensors.index.json``, hub key layout). Returns ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_hf_model(family, seed=seed, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings)
+    model = build_hf_model(
+        family,
+        seed=seed,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        config_overrides=config_overrides,
+    )
     model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
     return out

@@ -45,7 +45,7 @@ def test_deepseek_dense_first_layers_and_grouped_routing():
     [
         ({"model_type": "llama"}, "model_type 'llama'"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope_type='longrope'"),
         ({"quantization_config": {"quant_method": "awq"}}, "quantization_config"),
         ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
     ],
