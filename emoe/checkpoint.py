@@ -143,6 +143,7 @@ class Checkpoint:
         self._files: dict[str, SafetensorsFile] = {}
         self.stats = ReadStats()
         self._expected = expected_tensors(spec) if spec else None
+        self.skipped_mtp: list[str] = []
         if spec is not None:
             self._check_names()
 
@@ -154,10 +155,21 @@ class Checkpoint:
         if missing:
             shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
             raise CheckpointError(f"{self.path}: checkpoint is missing tensor(s): {shown}")
-        extra = sorted(n for n in have - set(self._expected) if not self._is_ignorable(n))
+        # multi-token-prediction weights are not used to generate; the model loader says so once
+        self.skipped_mtp = sorted(n for n in have - set(self._expected) if self._is_mtp(n))
+        rest = have - set(self._expected) - set(self.skipped_mtp)
+        extra = sorted(n for n in rest if not self._is_ignorable(n))
         if extra:
             shown = ", ".join(extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
             raise CheckpointError(f"{self.path}: checkpoint has unexpected tensor(s): {shown}")
+
+    def _is_mtp(self, name: str) -> bool:
+        """Multi-token-prediction weights: layers past num_hidden_layers (DeepSeek-V3, GLM-4.5) or `mtp.*`."""
+        assert self.spec is not None
+        parts = name.split(".")
+        if name.startswith("model.layers.") and parts[2].isdigit():
+            return int(parts[2]) >= self.spec.ignore_layers_from
+        return parts[0] == "mtp" or name.startswith("model.mtp.")
 
     def _is_ignorable(self, name: str) -> bool:
         assert self._expected is not None and self.spec is not None
@@ -165,9 +177,6 @@ class Checkpoint:
             return True
         if name.endswith(SCALE_SUFFIX) and self.spec.fp8 is not None:
             return name[: -len(SCALE_SUFFIX)] in self._expected
-        parts = name.split(".")
-        if name.startswith("model.layers.") and parts[2].isdigit():
-            return int(parts[2]) >= self.spec.ignore_layers_from
         return False
 
     def check_shapes(self, names: list[str] | None = None) -> None:

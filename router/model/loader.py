@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from emoe.checkpoint import Checkpoint
 from emoe.spec import ModelSpec
 from router.model.transformer import RouterModel
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,6 +34,13 @@ def load_router_model(
     ckpt = Checkpoint(path, spec)
     try:
         ckpt.check_shapes()
+        if ckpt.skipped_mtp:
+            log.info(
+                "%s: skipping %d multi-token-prediction tensor(s) (%s ...): not used to generate",
+                path,
+                len(ckpt.skipped_mtp),
+                ckpt.skipped_mtp[0],
+            )
 
         def get(name: str, want: torch.dtype | None = None) -> torch.Tensor:
             return ckpt.get(name, want or dtype).to(dev)

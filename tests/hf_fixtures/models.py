@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "minimax_m2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "minimax_m2", "deepseek_v3", "glm4_moe", "glm4_moe_lite")
 
 INIT_STD = 0.15
 LM_HEAD_STD = 0.4  # logits std ~2.5: top-1/top-2 gaps well above fp noise
@@ -107,6 +107,52 @@ FAMILY_CONFIG_KWARGS: dict[str, dict[str, Any]] = {
         num_nextn_predict_layers=0,  # no MTP weights are written
         max_position_embeddings=256,
     ),
+    "glm4_moe": dict(  # GLM-4.5: qkv bias, half-rotary RoPE, per-head qk-norm, grouped router, dense layer 0
+        hidden_size=48,
+        head_dim=16,
+        intermediate_size=80,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        partial_rotary_factor=0.5,
+        attention_bias=True,
+        use_qk_norm=True,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        max_position_embeddings=256,
+    ),
+    "glm4_moe_lite": dict(  # GLM-4.7-Flash: DeepSeek-V3's MLA under GLM's mlp_layer_types
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.8,
+        norm_topk_prob=True,
+        rope_interleave=True,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        max_position_embeddings=256,
+    ),
 }
 
 _CONFIG_CLASS_NAMES = {
@@ -115,6 +161,8 @@ _CONFIG_CLASS_NAMES = {
     "qwen3_moe": "Qwen3MoeConfig",
     "minimax_m2": "MiniMaxM2Config",
     "deepseek_v3": "DeepseekV3Config",
+    "glm4_moe": "Glm4MoeConfig",
+    "glm4_moe_lite": "Glm4MoeLiteConfig",
 }
 
 # In-memory (transformers) names of MoE routers: `<...>.mlp.gate.weight`. Not `gate_proj`, not `shared_expert_gate`.

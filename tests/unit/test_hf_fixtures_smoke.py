@@ -56,6 +56,20 @@ EXPECTED_KEYS = {
         "model.layers.2.mlp.gate.e_score_correction_bias",
         "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
     ],
+    "glm4_moe": [
+        "model.layers.0.mlp.gate_proj.weight",  # first_k_dense_replace=1
+        "model.layers.1.mlp.experts.7.up_proj.weight",
+        "model.layers.2.mlp.shared_experts.down_proj.weight",
+        "model.layers.1.mlp.gate.e_score_correction_bias",
+        "model.layers.0.self_attn.k_proj.bias",
+        "model.layers.0.self_attn.q_norm.weight",
+    ],
+    "glm4_moe_lite": [
+        "model.layers.0.mlp.gate_proj.weight",  # mlp_layer_types[0] == "dense"
+        "model.layers.2.mlp.experts.7.gate_proj.weight",
+        "model.layers.1.mlp.shared_experts.up_proj.weight",
+        "model.layers.1.self_attn.kv_b_proj.weight",
+    ],
 }
 
 
