@@ -5,6 +5,7 @@ An invalid value is an error naming the field (`ConfigError`, from pydantic's va
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 DEFAULT_MODEL_DIR = Path(".emoe/demo-model")
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -92,11 +96,19 @@ class AppConfig(BaseModel):
     def served_name(self) -> str:
         return self.model_name or Path(self.model).name
 
-    def engine_config(self, model_max_positions: int):
-        """The router's `EngineConfig`: context = the configured limit, the model's, and the KV pool's."""
+    def engine_config(self, model_max_context: int):
+        """The router's `EngineConfig`: context = the configured limit (else the model's: its
+        max_position_embeddings, times its RoPE factor where that extends it), within the KV pool."""
         from router.engine import EngineConfig
 
-        max_context = min(self.max_context or model_max_positions, self.kv_blocks * self.block_size)
+        if self.max_context and self.max_context > model_max_context:
+            log.warning(
+                "max_context=%d is beyond the %d positions the model is trained for; quality past them is "
+                "not guaranteed",
+                self.max_context,
+                model_max_context,
+            )
+        max_context = min(self.max_context or model_max_context, self.kv_blocks * self.block_size)
         return EngineConfig(
             kv_blocks=self.kv_blocks,
             block_size=self.block_size,

@@ -68,6 +68,15 @@ def demo_config(preset: str = "demo", **overrides) -> dict:
         "use_qk_norm": True,
         "qk_norm_type": "per_layer",
         "scoring_func": "sigmoid",
+        # fields the MiniMax-M2 release's config.json has, so transformers / vLLM read these files alike
+        "use_routing_bias": True,
+        "shared_intermediate_size": 0,
+        "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0,
+        "layernorm_full_attention_beta": 1.0,
+        "layernorm_linear_attention_beta": 1.0,
+        "layernorm_mlp_beta": 1.0,
+        "use_mtp": False,  # no multi-token-prediction weights are written
         "bos_token_id": 0,
         "eos_token_id": 0,
         "pad_token_id": None,
@@ -75,6 +84,7 @@ def demo_config(preset: str = "demo", **overrides) -> dict:
         **PRESETS[preset],
     }
     cfg.update(overrides)
+    cfg["attn_type_list"] = [1] * cfg["num_hidden_layers"]  # every layer full attention, as released
     return cfg
 
 

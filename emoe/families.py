@@ -62,9 +62,7 @@ def _common_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         theta, partial, scaling = parse_rope(cfg)
     except UnsupportedRope as e:
         raise UnsupportedModelError(str(e)) from e
-    partial = partial if partial is not None else 1.0
-    if cfg.get("rotary_dim"):
-        partial = cfg["rotary_dim"] / head_dim
+    partial = partial if partial is not None else 1.0  # rotary_dim is MiniMax-M2's (see its builder)
     q = cfg.get("quantization_config")
     bos = cfg.get("bos_token_id")
     return dict(
@@ -170,6 +168,9 @@ def _minimax_m2(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
     scoring = cfg.get("scoring_func", "sigmoid")
     if scoring != "sigmoid":
         raise UnsupportedModelError(f"unsupported setting scoring_func={scoring!r} for minimax_m2")
+    _, partial, _ = parse_rope(cfg)
+    if partial is None and cfg.get("rotary_dim"):  # the releases' legacy field; partial_rotary_factor wins
+        common = dict(common, rotary_dim=int(cfg["rotary_dim"]))
     return ModelSpec(
         **common,
         **_block_sparse_moe(cfg, common["num_layers"]),
@@ -241,7 +242,7 @@ def _deepseek_v3(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
 def _glm4_moe(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
     """GLM-4.5 / 4.6 / 4.7: GQA with qkv bias, half-rotary RoPE unless set, optional per-head qk-norm,
     DeepSeek-V3's router and shared experts, dense first layers; the MTP layer (layer N) is skipped."""
-    theta, partial, _ = parse_rope(cfg)
+    _, partial, _ = parse_rope(cfg)
     partial = 0.5 if partial is None else partial  # transformers' default for this family
     bias = bool(cfg.get("attention_bias", False))
     return ModelSpec(

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from emoe.demo import demo_config
@@ -60,3 +62,24 @@ def test_missing_required_key_is_named():
     del cfg["num_local_experts"]
     with pytest.raises(ValueError, match="num_local_experts"):
         ModelSpec.from_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "change, rotary_dim",
+    [
+        ({"rotary_dim": 16}, 16),  # the MiniMax-M2 releases' legacy field
+        ({"rotary_dim": 16, "partial_rotary_factor": 1.0}, 32),  # partial_rotary_factor wins (transformers)
+        ({"partial_rotary_factor": 0.25}, 8),
+    ],
+)
+def test_minimax_rotary_dim_follows_transformers_precedence(change, rotary_dim):
+    cfg = {k: v for k, v in demo_config("demo").items() if k not in ("rotary_dim", "partial_rotary_factor")}
+    assert ModelSpec.from_config({**cfg, **change}).rotary_dim == rotary_dim
+
+
+def test_rotary_dim_is_ignored_outside_minimax(tmp_path):
+    from tests.hf_fixtures import make_hf_checkpoint
+
+    cfg = json.loads((make_hf_checkpoint("qwen3_moe", tmp_path / "q") / "config.json").read_text())
+    spec = ModelSpec.from_config({**cfg, "rotary_dim": 4})  # transformers' Qwen3-MoE has no such field
+    assert spec.rotary_dim == spec.head_dim
