@@ -11,19 +11,22 @@ p50 / p99 microseconds per call, and the transport overhead (p50 remote - p50 lo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import torch
 
+from bench.backends import open_dispatcher
 from emoe.demo import demo_config, random_weights, write_checkpoint
 from emoe.spec import ModelSpec
-from router import Engine
+from router.dispatch import Dispatcher
 
 TRANSPORTS = ("local", "grpc", "dist")
 
@@ -47,23 +50,41 @@ def synthetic_checkpoint(path: Path, hidden: int) -> Path:
     return path
 
 
-def time_calls(engine: Engine, tokens: int, iters: int) -> list[float]:
-    spec = engine.spec
+async def time_calls(dispatcher: Dispatcher, spec: ModelSpec, tokens: int, iters: int) -> list[float]:
+    """Seconds of each of `iters` calls of layer 0 on `tokens` random rows, after 10 warm-up calls."""
     g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, spec.hidden_size, generator=g).to(torch.bfloat16)
+    x = torch.randn(tokens, spec.hidden_size, generator=g).to(torch.bfloat16)  # [T, H]
     ids = torch.stack([torch.randperm(spec.num_experts, generator=g)[: spec.top_k] for _ in range(tokens)])
-    w = torch.rand(tokens, spec.top_k, generator=g)
+    w = torch.rand(tokens, spec.top_k, generator=g)  # [T, k]
+    out = []
+    for i in range(iters + 10):
+        t0 = time.perf_counter()
+        await dispatcher.forward(0, x, ids, w)
+        if i >= 10:  # warm-up: connections, allocator
+            out.append(time.perf_counter() - t0)
+    return out
 
-    async def run() -> list[float]:
-        out = []
-        for i in range(iters + 10):
-            t0 = time.perf_counter()
-            await engine.dispatcher.forward(0, x, ids, w)
-            if i >= 10:  # warm-up: connections, allocator
-                out.append(time.perf_counter() - t0)
-        return out
 
-    return engine._run(run())
+async def measure(path: Path, hidden: int, token_counts: list[int], iters: int) -> list[dict]:
+    """One row per token count: p50 / p99 / mean µs per call of every transport, and the remote overheads."""
+    spec = ModelSpec.from_pretrained(path)
+    rows = []
+    async with AsyncExitStack() as stack:
+        dispatchers = {
+            t: await stack.enter_async_context(open_dispatcher(t, path, spec, torch.bfloat16, "cpu", 1, {}))
+            for t in TRANSPORTS
+        }
+        for tokens in token_counts:
+            row = {"hidden": hidden, "tokens": tokens}
+            for name, dispatcher in dispatchers.items():
+                ts = await time_calls(dispatcher, spec, tokens, iters)
+                row[f"{name}_p50_us"], row[f"{name}_p99_us"] = pct(ts, 0.5), pct(ts, 0.99)
+                row[f"{name}_mean_us"] = statistics.fmean(ts) * 1e6
+            for name in ("grpc", "dist"):
+                row[f"{name}_overhead_p50_us"] = row[f"{name}_p50_us"] - row["local_p50_us"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -84,22 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, include_dashboard=False, namespace="emoe-bench", log_to_driver=False)
     torch.set_num_threads(1)
     rows = []
+    tokens = [int(t) for t in args.tokens.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for hidden in [int(h) for h in args.hidden.split(",")]:
             path = synthetic_checkpoint(Path(tmp) / f"h{hidden}", hidden)
-            engines = {t: Engine.from_pretrained(path, dtype="bfloat16", dispatcher=t) for t in TRANSPORTS}
-            for tokens in [int(t) for t in args.tokens.split(",")]:
-                row = {"hidden": hidden, "tokens": tokens}
-                for name, engine in engines.items():
-                    ts = time_calls(engine, tokens, args.iters)
-                    row[f"{name}_p50_us"], row[f"{name}_p99_us"] = pct(ts, 0.5), pct(ts, 0.99)
-                    row[f"{name}_mean_us"] = statistics.fmean(ts) * 1e6
-                for name in ("grpc", "dist"):
-                    row[f"{name}_overhead_p50_us"] = row[f"{name}_p50_us"] - row["local_p50_us"]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            for engine in engines.values():
-                engine.close()
+            rows += asyncio.run(measure(path, hidden, tokens, args.iters))
     ray.shutdown()
     print(render(rows))
     if args.json:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.perf import Workload, render_markdown, run
+from bench.perf import run
+from bench.report import render_markdown
+from bench.workload import Workload
 from emoe.demo import write_demo_model
 
 

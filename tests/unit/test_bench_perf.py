@@ -1,8 +1,10 @@
-"""`emoe bench` (bench/perf.py): the workload, the statistics, the roofline's byte count, and a whole run
-against transformers and the in-process engine on the demo model, with its Markdown, JSON and PNG."""
+"""`emoe bench` (bench/): the workload and its statistics (workload.py), the roofline's byte count and expert
+count (roofline.py), and a whole run (perf.py) against transformers and the in-process engine on the demo
+model, with its Markdown, JSON and PNG (report.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from pathlib import Path
@@ -10,18 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.perf import (
-    RequestResult,
-    Roofline,
-    Workload,
-    percentile,
-    render_markdown,
-    run,
-    summarize,
-    write_outputs,
-)
+from bench.perf import run
+from bench.report import render_markdown, write_outputs
+from bench.roofline import CountingDispatcher, Roofline
+from bench.workload import RequestResult, Workload, percentile, summarize
 from emoe.demo import write_demo_model
+from emoe.placement import Placement
 from emoe.spec import ModelSpec
+from router.dispatch import DispatchContext, get_dispatcher
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +77,26 @@ def test_roofline_bytes_match_the_checkpoint(demo):
         roof.step_bytes(tokens=2, context_positions=10)
         == dense + 2 * spec.hidden_size * 4 + 5 * one + 10 * kv
     )
+
+
+def test_counting_dispatcher_counts_distinct_experts_and_passes_the_rest_through(demo):
+    spec = ModelSpec.from_pretrained(demo)
+    placement = Placement.contiguous(spec.moe_layer_ids, spec.num_experts, 2)
+    ctx = DispatchContext(demo, spec, torch.float32, torch.device("cpu"), placement)
+    inner = get_dispatcher("local")(ctx)
+    roof = Roofline(spec, torch.float32)
+    counting = CountingDispatcher(inner, roof)
+    hidden = torch.randn(3, spec.hidden_size)
+    ids = torch.stack([torch.arange(spec.top_k) + row for row in range(3)])  # [3, k]: k + 2 experts
+    weights = torch.full(ids.shape, 0.5)
+    layer = spec.moe_layer_ids[0]
+    counting.begin_step()
+    got = asyncio.run(counting.forward(layer, hidden, ids, weights))
+    torch.testing.assert_close(got, asyncio.run(inner.forward(layer, hidden, ids, weights)))
+    assert roof.experts_touched == spec.top_k + 2
+    assert counting.placement is placement and counting.stats() == inner.stats()
+    counting.close()
+    assert inner.stores == []
 
 
 def test_run_against_transformers_and_write_the_report(demo, tmp_path):
