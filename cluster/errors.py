@@ -41,3 +41,8 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, int, str]:
     for fn in _observers:
         fn(result[0].name.lower())
     return result
+
+
+def client_message(exc: BaseException) -> str:
+    """The text a client sees for an expected error: `str(exc)`, but a KeyError's own message unquoted."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import inspect
 import logging
 import time
 import uuid
@@ -38,7 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.errors import Unauthenticated, classify
+from cluster.errors import Unauthenticated, classify, client_message
 from cluster.http_stream import (
     ClientGone,
     EventStream,
@@ -129,7 +128,6 @@ class _Api:
         try:
             gen = await asyncio.to_thread(self._to_request, body, reply)  # tokenizing may take a while
             chunks = self.backend.generate(gen)
-            chunks = await chunks if inspect.isawaitable(chunks) else chunks
         except Exception as exc:
             return _error_response(exc)
         try:
@@ -143,6 +141,8 @@ class _Api:
                 if isinstance(exc, ClientGone)
                 else _error_response(exc, reply.request_id)
             )
+        if first is None:  # a stream without chunks reads as one empty chunk (its usage: the prompt)
+            first = gen.empty_chunk()
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             events = sse_events(
@@ -155,9 +155,9 @@ class _Api:
     async def _whole(self, request: Request, reply: Reply, first, chunks) -> Response:
         finished = False
         try:
-            text, last, count = await unless_disconnected(request, collect(first, chunks))
+            text, last = await unless_disconnected(request, collect(first, chunks))
             finished = True
-            return JSONResponse(reply.whole(text, last, count))
+            return JSONResponse(reply.whole(text, last))
         except ClientGone:
             return Response(status_code=499)
         except Exception as exc:
@@ -179,12 +179,9 @@ class _Api:
             ids, text = self._chat_prompt(body, info)
         else:
             ids, text = completion_prompt(body.prompt, info, self.tokenizer)
-        reply.prompt_len = len(ids)
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:
-            max_tokens = min(
-                self.default_max_tokens, info.max_tokens_limit, max(1, info.max_context - len(ids))
-            )
+            max_tokens = info.default_max_tokens(self.default_max_tokens, len(ids))
         sampling = SamplingParams(
             max_tokens=max_tokens,
             temperature=self.default_temperature if body.temperature is None else body.temperature,
@@ -224,8 +221,7 @@ def _error_body(exc: BaseException, request_id: str = "") -> tuple[int, dict]:
     if status == 500:
         log.error("request %r failed", request_id, exc_info=exc)
         return _error_json(500, kind, "internal server error; see the server log")
-    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    return _error_json(status, kind, message or kind)
+    return _error_json(status, kind, client_message(exc) or kind)
 
 
 def _error_response(exc: BaseException, request_id: str = "") -> JSONResponse:

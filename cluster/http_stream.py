@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import anyio
@@ -15,39 +15,45 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from cluster.openai_schema import Reply
-from emoe.api import GenerateChunk
+from emoe.api import GenerateChunk, InferenceBackend
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def collect(first: GenerateChunk | None, chunks) -> tuple[str, GenerateChunk | None, int]:
-    """(whole text, last chunk, tokens counted) of a stream whose first chunk was already read."""
-    parts, last, count, chunk = [], first, 0, first
+async def collect(
+    first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]
+) -> tuple[str, GenerateChunk]:
+    """(whole text, last chunk) of a stream whose first chunk was already read."""
+    parts, last, chunk = [], first, first
     while chunk is not None:
         parts.append(chunk.text)
-        count, last = count + len(chunk.token_ids), chunk
+        last = chunk
         chunk = await anext(chunks, None)
-    return "".join(parts), last, count
+    return "".join(parts), last
 
 
 async def sse_events(
-    reply: Reply, first, chunks, include_usage: bool, error_event: Callable[[Exception], dict]
+    reply: Reply,
+    first: GenerateChunk,
+    chunks: AsyncGenerator[GenerateChunk, None],
+    include_usage: bool,
+    error_event: Callable[[Exception], dict],
 ) -> AsyncIterator[str]:
     """The SSE body; sets `reply.finished` once the backend stream ended. A backend error after the
     headers went out becomes the event `error_event(exc)`."""
-    last, count, chunk = first, 0, first
+    last, chunk = first, first
     try:
         if reply.chat:
             yield sse(reply.chunk("", None, role=True))
         while chunk is not None:
-            count, last = count + len(chunk.token_ids), chunk
+            last = chunk
             if chunk.text or chunk.finish_reason:
                 yield sse(reply.chunk(chunk.text, chunk.finish_reason))
             chunk = await anext(chunks, None)
         reply.finished = True
         if include_usage:
-            yield sse(reply.usage_chunk(last, count))
+            yield sse(reply.usage_chunk(last))
         yield "data: [DONE]\n\n"
     except Exception as exc:
         yield sse(error_event(exc))
@@ -100,7 +106,9 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def release_backend(backend, request_id: str, chunks, finished: bool) -> None:
+async def release_backend(
+    backend: InferenceBackend, request_id: str, chunks: AsyncGenerator[GenerateChunk, None], finished: bool
+) -> None:
     """Closes the backend stream and, unless it finished, cancels the request. Never raises; shielded."""
     with anyio.CancelScope(shield=True):
         if not finished:
@@ -108,9 +116,7 @@ async def release_backend(backend, request_id: str, chunks, finished: bool) -> N
                 await backend.cancel(request_id)
             except Exception as exc:
                 log.debug("cancel of %s: %r", request_id, exc)
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            try:
-                await close()
-            except Exception as exc:
-                log.debug("closing the stream of %s: %r", request_id, exc)
+        try:
+            await chunks.aclose()
+        except Exception as exc:
+            log.debug("closing the stream of %s: %r", request_id, exc)

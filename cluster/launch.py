@@ -84,7 +84,8 @@ class LaunchedDispatcher(RemoteDispatcher):
 def launch_expert_groups(ctx: DispatchContext, transport: str) -> LaunchedDispatcher:
     import ray
 
-    from cluster.registry import Registry, RegistryClient
+    from cluster.registry import Registry
+    from cluster.registry_client import RegistryClient
     from experts.deployment import ExpertGroupReplica
 
     opts = dict(ctx.options)
@@ -156,7 +157,7 @@ def attach_expert_groups(ctx: DispatchContext, transport: str) -> RemoteDispatch
 
     Waits (bounded by `start_timeout_s`) until every group has at least one registered replica.
     """
-    from cluster.registry import RegistryClient
+    from cluster.registry_client import RegistryClient
 
     opts = dict(ctx.options)
     registry = opts.pop("registry")

@@ -144,7 +144,6 @@ class Reply:
     chat: bool
     request_id: str
     model: str
-    prompt_len: int = 0
     finished: bool = False  # the backend stream ended; nothing to cancel
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -160,20 +159,20 @@ class Reply:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return self._envelope("chat.completion.chunk", [choice])
 
-    def usage(self, last: GenerateChunk | None, count: int) -> dict:
-        prompt = (last.prompt_tokens if last else 0) or self.prompt_len
-        completion = (last.completion_tokens if last else 0) or count
+    @staticmethod
+    def usage(last: GenerateChunk) -> dict:
+        """OpenAI's usage object from the backend's counts on the stream's last chunk."""
+        prompt, completion = last.prompt_tokens, last.completion_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def usage_chunk(self, last: GenerateChunk | None, count: int) -> dict:
+    def usage_chunk(self, last: GenerateChunk) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(kind, [], usage=self.usage(last, count))
+        return self._envelope(kind, [], usage=self.usage(last))
 
-    def whole(self, text: str, last: GenerateChunk | None, count: int) -> dict:
-        finish = last.finish_reason if last else None
+    def whole(self, text: str, last: GenerateChunk) -> dict:
         if not self.chat:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            return self._envelope("text_completion", [choice], usage=self.usage(last, count))
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+            return self._envelope("text_completion", [choice], usage=self.usage(last))
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return self._envelope("chat.completion", [choice], usage=self.usage(last, count))
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": last.finish_reason}
+        return self._envelope("chat.completion", [choice], usage=self.usage(last))

@@ -3,9 +3,10 @@
 `Registry` is a plain class run as a Ray actor (engine mode) or as the singleton Serve deployment
 "Registry" (served mode). Replicas `register` once they can serve and `deregister` on shutdown; a restarted
 replica registers again under the same actor id and replaces its old entry. Routers long-poll
-`wait_for_change(version)` through a `RegistryClient`, so additions and removals reach them while running.
-A router that cannot reach a replica reports it; the registry asks the replica's gRPC `Info` and drops the
-entry unless the same replica answers.
+`wait_for_change(version)` through a `RegistryClient` (cluster/registry_client.py), so additions and
+removals reach them while running. A router that cannot reach a replica reports it; the registry asks the
+replica's gRPC `Info` and drops the entry unless the same replica answers. Live re-placement is the
+`ReplacementState` machine (cluster/replacement.py); the registry feeds it loads, entries and the time.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from typing import Any
 
-from emoe.handles import call, call_in_thread
+from cluster.replacement import ReplacementState, group_loads, imbalance
 from emoe.placement import Placement
-from emoe.replace import plan, predicted_group_loads
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +38,13 @@ class Registry:
         self.last_seen: dict[
             str, float
         ] = {}  # replica_id -> last register (replicas re-register every second)
-        self.pending: Placement | None = None
-        self.replace_threshold, self.replace_after_s = replace_threshold, replace_after_s
-        self._imbalanced_since: float | None = None
+        placement = Placement.from_json(placement_json) if placement_json else None
+        self.replacement = ReplacementState(placement, replace_threshold, replace_after_s)
         self._watch: asyncio.Task | None = None
-        self.replacements: list[dict[str, Any]] = []
         self.overrides: dict[int, int] = {}  # group -> replicas an operator asked for
         self.state_key = state_key
         self.entries: dict[str, dict[str, Any]] = {}  # replica_id -> info
         self._changed = asyncio.Event()
-        self.placement = Placement.from_json(placement_json) if placement_json else None
         self.router_loads: dict[str, tuple[float, dict[int, list[float]]]] = {}  # router -> (time, loads)
         self.load_ttl_s = load_ttl_s
         self._restore()
@@ -56,7 +52,7 @@ class Registry:
     async def publish_load(self, router_id: str, loads: dict[int, list[float]]) -> None:
         """A router's tokens/s per (layer, expert) over its window: {layer: [tokens/s of expert e]}."""
         self.router_loads[router_id] = (time.monotonic(), {int(k): v for k, v in loads.items()})
-        if self.replace_threshold and self._watch is None:
+        if self.replacement.threshold and self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_imbalance())
 
     async def load_report(self) -> dict[str, Any]:
@@ -69,7 +65,8 @@ class Registry:
             for layer, row in loads.items():
                 acc = experts.setdefault(layer, [0.0] * len(row))
                 experts[layer] = [a + b for a, b in zip(acc, row, strict=True)]
-        groups = group_loads(self.placement, experts) if self.placement else {}
+        active = self.replacement.active
+        groups = group_loads(active, experts) if active else {}
         return {
             "expert_loads": experts,
             "group_loads": groups,
@@ -89,7 +86,7 @@ class Registry:
         return dict(self.overrides)
 
     async def replacements_log(self) -> list[dict[str, Any]]:
-        return list(self.replacements)
+        return list(self.replacement.log)
 
     def _bump(self) -> None:
         self.version += 1
@@ -105,27 +102,16 @@ class Registry:
         if not raw:
             return
         state = json.loads(raw)
-        self.placement = Placement.from_json(state["placement"]) if state.get("placement") else self.placement
-        self.pending = Placement.from_json(state["pending"]) if state.get("pending") else None
-        self.replacements = state.get("replacements", [])
+        self.replacement.restore(state)
         self.overrides = {int(g): int(n) for g, n in state.get("overrides", {}).items()}
         self.version = int(state.get("version", 0)) + 1000
-        log.info(
-            "registry restored: placement v%s, version %d",
-            self.placement and self.placement.version,
-            self.version,
-        )
+        active = self.replacement.active
+        log.info("registry restored: placement v%s, version %d", active and active.version, self.version)
 
     def _persist(self) -> None:
         if not self.state_key:
             return
-        state = {
-            "placement": self.placement.to_json() if self.placement else None,
-            "pending": self.pending.to_json() if self.pending else None,
-            "replacements": self.replacements,
-            "overrides": self.overrides,
-            "version": self.version,
-        }
+        state = {**self.replacement.to_dict(), "overrides": self.overrides, "version": self.version}
         _kv_put(self.state_key, json.dumps(state))
 
     async def register(self, info: dict[str, Any]) -> int:
@@ -145,64 +131,33 @@ class Registry:
         self._bump()
         return self.version
 
-    # ---- live re-placement -----------------------------------------------------------------------
+    # ---- live re-placement (steps: cluster/replacement.py) ----------------------------------------
     async def placement_state(self) -> dict[str, Any]:
-        return {
-            "active": self.placement.to_json() if self.placement else None,
-            "active_version": self.placement.version if self.placement else None,
-            "pending": self.pending.to_json() if self.pending else None,
-        }
+        return self.replacement.describe()
 
     async def replace(self, placement_json: str | None = None) -> dict[str, Any]:
         """Admin call: starts a re-placement to `placement_json`, or to one planned from the current load.
 
         Replicas load their new slices; once every group has a replica serving the new version, it
         becomes active and routers switch at their next step boundary."""
-        if self.placement is None:
-            raise ValueError("the registry has no placement to replace")
         report = await self.load_report()
-        if placement_json:
-            new = Placement.from_json(placement_json)
-        else:
-            new = plan({int(k): v for k, v in report["expert_loads"].items()}, self.placement)
-        new = Placement(self.placement.version + 1, new.num_experts, new.groups)
-        self.pending = new
-        predicted = predicted_group_loads(new, report["expert_loads"])
-        event = {
-            "at": time.time(),
-            "from_version": self.placement.version,
-            "to_version": new.version,
-            "imbalance_before": report["imbalance"],
-            "imbalance_predicted": imbalance(dict(enumerate(predicted))),
-        }
-        self.replacements.append(event)
+        given = Placement.from_json(placement_json) if placement_json else None
+        event = self.replacement.start(report["expert_loads"], report["imbalance"], time.time(), given)
         self._maybe_activate()
         self._bump()
         return event
 
     def _maybe_activate(self) -> None:
-        if self.pending is None:
-            return
-        v = self.pending.version
-        ready = {e["group"] for e in self.entries.values() if v in e.get("placement_versions", ())}
-        if ready >= set(range(self.pending.num_groups)):
-            log.info("placement v%d active", v)
-            self.placement, self.pending = self.pending, None
-            self.replacements[-1]["activated_at"] = time.time()
+        if self.replacement.activate_if_ready(self.entries.values(), time.time()):
+            log.info("placement v%d active", self.replacement.active.version)
 
     async def _watch_imbalance(self) -> None:
-        """Triggers `replace()` when max/mean group load stays above the threshold for `replace_after_s`."""
+        """Triggers `replace()` when the state machine says the imbalance lasted (checked every second)."""
         while True:
             await asyncio.sleep(1.0)
             report = await self.load_report()
-            now = time.monotonic()
-            if self.pending is None and report["imbalance"] > (self.replace_threshold or float("inf")):
-                self._imbalanced_since = self._imbalanced_since or now
-                if now - self._imbalanced_since >= self.replace_after_s:
-                    self._imbalanced_since = None
-                    await self.replace()
-            else:
-                self._imbalanced_since = None
+            if self.replacement.should_replace(report["imbalance"], time.monotonic()):
+                await self.replace()
 
     async def deregister(self, replica_id: str) -> int:
         self.last_seen.pop(replica_id, None)
@@ -246,20 +201,8 @@ class Registry:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
             except asyncio.TimeoutError:
                 pass
-        return self.version, list(self.entries.values()), self.placement.to_json() if self.placement else None
-
-
-def group_loads(placement: Placement, experts: dict[int, list[float]]) -> dict[int, float]:
-    """tokens/s per group: each expert's load split evenly over the groups holding a copy of it."""
-    return dict(enumerate(predicted_group_loads(placement, experts)))
-
-
-def imbalance(loads: dict[int, float]) -> float:
-    """max / mean group load (1.0 = balanced; 0 when idle)."""
-    if not loads:
-        return 0.0
-    mean = sum(loads.values()) / len(loads)
-    return max(loads.values()) / mean if mean > 0 else 0.0
+        active = self.replacement.active
+        return self.version, list(self.entries.values()), active.to_json() if active else None
 
 
 def _kv_get(key: str) -> bytes | None:
@@ -286,53 +229,3 @@ async def _answers(info: dict[str, Any], timeout_s: float) -> bool:
         return reply.replica_id == info["replica_id"]
     except grpc.aio.AioRpcError:
         return False
-
-
-class RegistryClient:
-    """A router's view of the registry, kept fresh by a background long-poll thread."""
-
-    def __init__(self, registry_handle: Any, poll_timeout_s: float = 2.0):
-        self._registry = registry_handle
-        self.version, self.entries = call_in_thread(registry_handle, "snapshot")
-        self.placement_json: str | None = None
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._poll_timeout_s = poll_timeout_s
-        self._thread = threading.Thread(target=self._poll, name="emoe-registry-client", daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            try:
-                version, entries, placement_json = call(
-                    self._registry,
-                    "wait_for_change",
-                    self.version,
-                    self._poll_timeout_s,
-                    timeout_s=self._poll_timeout_s + 10,
-                )
-            except Exception as e:  # noqa: BLE001 - registry restarting: try again shortly
-                log.warning("registry poll failed: %s", e)
-                self._stop.wait(0.5)
-                continue
-            with self._cond:
-                if version != self.version:
-                    self.version, self.entries, self.placement_json = version, entries, placement_json
-                    self._cond.notify_all()
-
-    def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
-        with self._cond:
-            return self.version, list(self.entries)
-
-    def report_unreachable(self, replica_id: str) -> None:
-        self._registry.report_unreachable.remote(replica_id)
-
-    def active_placement(self) -> str | None:
-        """JSON of the active placement as last seen (None before the first poll or without one)."""
-        return self.placement_json
-
-    def publish_load(self, router_id: str, loads: dict[int, list[float]]) -> None:
-        self._registry.publish_load.remote(router_id, loads)
-
-    def close(self) -> None:
-        self._stop.set()

@@ -8,7 +8,7 @@ gRPC status codes and HTTP statuses in one place (`cluster/errors.py`).
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -71,10 +71,26 @@ class GenerateRequest:
     prompt_text: str = ""  # for logs and for detokenization context only
     resume_offset: int = 0  # output tokens already sent before this request (a resumed stream)
 
+    def usage(self, num_output: int) -> tuple[int, int]:
+        """(prompt_tokens, completion_tokens) of the original request once this one produced `num_output`
+        tokens: a resumed request's prompt ends with the `resume_offset` tokens sent before it."""
+        return len(self.prompt_token_ids) - self.resume_offset, self.resume_offset + num_output
+
+    def empty_chunk(self) -> GenerateChunk:
+        """A chunk with no output, carrying the usage before this request's first token."""
+        prompt_tokens, completion_tokens = self.usage(0)
+        return GenerateChunk(
+            self.request_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        )
+
 
 @dataclass
 class GenerateChunk:
-    """New output of one request since the previous chunk. `finish_reason` is set on the last one only."""
+    """New output of one request since the previous chunk. `finish_reason` is set on the last one only.
+
+    `prompt_tokens` / `completion_tokens` are the usage so far of the request as the client sent it (a
+    resumed stream counts the tokens sent before it); the engine sets them, every other layer reads them.
+    """
 
     request_id: str
     token_ids: list[int] = field(default_factory=list)
@@ -95,13 +111,20 @@ class ModelInfo:
     num_groups: int = 1
     transport: str = "local"
 
+    def default_max_tokens(self, default: int, prompt_len: int) -> int:
+        """`default`, lowered to `max_tokens_limit` and to the context left after the prompt (at least 1)."""
+        return min(default, self.max_tokens_limit, max(1, self.max_context - prompt_len))
+
 
 class InferenceBackend(Protocol):
-    """What a frontend needs: a streaming generate, cancellation, and the model's description."""
+    """What a frontend needs: a streaming generate, cancellation, and the model's description.
+
+    `generate` is an async generator (the frontends `aclose()` it when their client goes away); its chunks
+    carry the usage (see `GenerateChunk`)."""
 
     def info(self) -> ModelInfo: ...
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateChunk, None]: ...
 
     async def cancel(self, request_id: str) -> None: ...
 

@@ -3,7 +3,7 @@
 Stream contract of `generate(request)`: an async iterator of `GenerateChunk`s, one per engine step that
 produced a token; `text` holds only complete characters (a split multi-byte character waits for its last
 token) and never any part of a matched stop string; the last chunk has `finish_reason` ("stop" for an eos
-/ stop token / stop string, "length" for max_tokens or the context limit) and the final usage counts.
+/ stop token / stop string, "length" for max_tokens or the context limit); usage: `GenerateRequest.usage`.
 Abandoning the iterator (client gone, `cancel`) frees the request's KV blocks at once.
 
 The loop, per step: 1. schedule (scheduler.py); 2. one forward over every scheduled chunk, flattened;
@@ -288,14 +288,8 @@ class AsyncEngine:
         return pending[:cut], False
 
     def _chunk(self, seq: Sequence, toks: list[int], text: str, finish: str | None) -> GenerateChunk:
-        return GenerateChunk(
-            request_id=seq.request_id,
-            token_ids=toks,
-            text=text,
-            finish_reason=finish,
-            prompt_tokens=len(seq.prompt),
-            completion_tokens=len(seq.output),
-        )
+        prompt_tokens, completion_tokens = seq.state.request.usage(len(seq.output))
+        return GenerateChunk(seq.request_id, toks, text, finish, prompt_tokens, completion_tokens)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         state: RequestState = seq.state

@@ -154,3 +154,28 @@ def test_full_queue_is_refused(demo):
         return ae.stats()
 
     assert asyncio.run(run())["kv_blocks_used"] == 0
+
+
+def test_resumed_request_reports_the_usage_of_the_original(demo):
+    prompt, sampling = [5, 6, 7, 8], dict(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+
+    async def run():
+        ae = make(demo)
+        whole = await collect(ae, "orig", prompt, **sampling)
+        sent = tokens(whole)[:5]
+        resumed = GenerateRequest(
+            "orig~1",
+            tuple(prompt + sent),
+            SamplingParams(**{**sampling, "max_tokens": 7}),
+            resume_offset=len(sent),
+        )
+        rest = [c async for c in ae.generate(resumed)]
+        await ae.close()
+        return whole, sent, rest
+
+    whole, sent, rest = asyncio.run(run())
+    assert sent + tokens(rest) == tokens(whole)  # seeded sampling continues where the first stream stopped
+    last, resumed_last = whole[-1], rest[-1]
+    assert (last.prompt_tokens, last.completion_tokens) == (len(prompt), 12)
+    assert (resumed_last.prompt_tokens, resumed_last.completion_tokens) == (len(prompt), 12)
+    assert [c.completion_tokens for c in rest] == list(range(6, 13))

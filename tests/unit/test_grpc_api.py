@@ -16,7 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from cluster.grpc_api import MAX_MESSAGE_BYTES, InferenceServicer, start_grpc_server
+from cluster.grpc_api import InferenceServicer
+from cluster.grpc_server import MAX_MESSAGE_BYTES, start_grpc_server
 from emoe.api import GenerateChunk, ModelInfo, Overloaded, UnknownRequest
 from emoe.client import InferenceClient
 from emoe.demo import write_demo_model
@@ -28,7 +29,8 @@ MAX_CONTEXT, LIMIT = 64, 32
 
 
 class FakeBackend:
-    """Echoes tokens prompt[-1]+1, +2, ... (mod vocab) up to max_tokens, finishing with "length".
+    """Echoes tokens prompt[-1]+1, +2, ... (mod vocab) up to max_tokens, finishing with "length"; every
+    chunk carries the usage so far, as the engine's do.
 
     request_id prefixes pick a behaviour: "slow" sleeps between chunks, "overload" raises Overloaded,
     "boom" raises an unexpected error, "cut" sends an empty chunk and one token, then ends without a
@@ -46,9 +48,10 @@ class FakeBackend:
             raise Overloaded("queue full, retry later")
         if req.request_id.startswith("boom"):
             raise RuntimeError("secret detail")
+        prompt_len = len(req.prompt_token_ids)
         if req.request_id.startswith("cut"):
-            yield GenerateChunk(req.request_id)
-            yield GenerateChunk(req.request_id, [7], "x")
+            yield GenerateChunk(req.request_id, prompt_tokens=prompt_len)
+            yield GenerateChunk(req.request_id, [7], "x", None, prompt_len, 1)
             return
         detok, n = self.tok.detokenizer(req.prompt_token_ids), req.sampling.max_tokens
         for i in range(n):
@@ -56,7 +59,9 @@ class FakeBackend:
                 await asyncio.sleep(0.05)
             tid = (req.prompt_token_ids[-1] + 1 + i) % self.tok.vocab_size
             text = detok.add([tid]) + (detok.flush() if i == n - 1 else "")
-            yield GenerateChunk(req.request_id, [tid], text, "length" if i == n - 1 else None)
+            yield GenerateChunk(
+                req.request_id, [tid], text, "length" if i == n - 1 else None, prompt_len, i + 1
+            )
 
     async def cancel(self, request_id: str) -> None:
         self.cancelled.append(request_id)

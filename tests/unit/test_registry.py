@@ -45,7 +45,7 @@ def test_replace_activates_once_every_group_serves_the_new_version():
         report = await r.load_report()
         assert report["imbalance"] == 2.0 and report["group_loads"] == {0: 200.0, 1: 0.0}
         event = await r.replace()
-        assert event["imbalance_predicted"] <= 1.3 and r.pending is not None
+        assert event["imbalance_predicted"] <= 1.3 and r.replacement.pending is not None
         await r.register(entry("a", 0, (0, 1)))
         state = await r.placement_state()
         assert state["active_version"] == 0  # group 1 has no replica on v1 yet
@@ -62,11 +62,11 @@ def test_sustained_imbalance_triggers_a_replacement():
         r = Registry(P0.to_json(), replace_threshold=1.5, replace_after_s=0.0)
         await r.publish_load("router", skewed())  # starts the watcher
         for _ in range(40):
-            if r.pending is not None:
+            if r.replacement.pending is not None:
                 break
             await asyncio.sleep(0.1)
         r._watch.cancel()
-        return r.pending
+        return r.replacement.pending
 
     pending = asyncio.run(run())
     assert pending is not None and pending.version == 1
