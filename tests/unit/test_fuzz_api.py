@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emoe.v1 import inference_pb2 as pb
-from tests.unit.test_grpc_api import assert_healthy, backend, channel, loop, start, stub, tok  # noqa: F401
-from tests.unit.test_http_api import assert_still_serving, http, url  # noqa: F401
+from tests.unit.grpc_api.fixtures import backend, channel, loop, start, stub, tok  # noqa: F401
+from tests.unit.grpc_api.support import assert_healthy
+from tests.unit.http_api.fixtures import http, url  # noqa: F401
+from tests.unit.http_api.support import assert_still_serving
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
