@@ -56,6 +56,11 @@ class AppConfig(BaseModel):
     )
     max_queue: int = Field(256, ge=0, description="waiting requests per router before RESOURCE_EXHAUSTED")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    generation_config: Literal["auto", "ignore"] = Field(
+        "auto",
+        description="auto: the checkpoint's generation_config.json sampling defaults (temperature, top_p, "
+        "top_k) apply where a request leaves them unset, as vLLM does; ignore: the APIs' own defaults",
+    )
     max_context: int | None = Field(None, ge=2, description="prompt + output limit (default: the model's)")
     api_token: SecretStr | None = Field(None, description="bearer token required by the public APIs")
     admin_token: SecretStr | None = Field(None, description="token required by admin actions")

@@ -93,6 +93,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 eos_token_ids=list(info.eos_token_ids),
                 num_groups=info.num_groups,
                 transport=info.transport,
+                sampling_defaults=dict(info.sampling_defaults),
             )
         except Exception as e:
             await abort(context, e)
@@ -118,7 +119,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def to_request(self, request: pb.GenerateRequest, info: ModelInfo) -> GenerateRequest:
         """Converts and validates a wire request against `info`; raises InvalidRequest naming the field.
 
-        Fills in the defaults the proto documents (request_id, max_tokens, top_p).
+        Fills in the defaults the proto documents (request_id, max_tokens; temperature, top_p and top_k
+        from the model's sampling defaults where unset).
         """
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_CHARS:
@@ -128,9 +130,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         default = info.default_max_tokens(self.default_max_tokens, len(ids))
         sampling = SamplingParams(
             max_tokens=s.max_tokens or default,
-            temperature=float(s.temperature),
-            top_k=s.top_k,
-            top_p=1.0 if s.top_p == 0 else float(s.top_p),
+            temperature=float(s.temperature)
+            if s.HasField("temperature")
+            else info.sampling_default("temperature", 0.0),
+            top_k=s.top_k if s.HasField("top_k") else int(info.sampling_default("top_k", 0)),
+            top_p=float(s.top_p) if s.top_p else info.sampling_default("top_p", 1.0),
             seed=s.seed if s.HasField("seed") else None,
             stop=tuple(s.stop),
             stop_token_ids=tuple(s.stop_token_ids),

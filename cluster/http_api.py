@@ -116,7 +116,8 @@ class _Api:
         except Exception as exc:
             return _error_response(exc)
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "elastic-moe"}
-        return JSONResponse({"object": "list", "data": [card | {"max_model_len": info.max_context}]})
+        card |= {"max_model_len": info.max_context, "sampling_defaults": dict(info.sampling_defaults)}
+        return JSONResponse({"object": "list", "data": [card]})
 
     async def completions(self, body: CompletionBody, request: Request) -> Response:
         return await self._serve(body, request, Reply(False, f"cmpl-{uuid.uuid4().hex}", self.model_name))
@@ -184,9 +185,13 @@ class _Api:
             max_tokens = info.default_max_tokens(self.default_max_tokens, len(ids))
         sampling = SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.default_temperature if body.temperature is None else body.temperature,
-            top_k=0 if body.top_k in (None, -1) else body.top_k,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            temperature=info.sampling_default("temperature", self.default_temperature)
+            if body.temperature is None
+            else body.temperature,
+            top_k=int(info.sampling_default("top_k", 0))
+            if body.top_k is None
+            else (body.top_k if body.top_k != -1 else 0),
+            top_p=info.sampling_default("top_p", 1.0) if body.top_p is None else body.top_p,
             seed=body.seed,
             stop=stop_strings(body.stop),
             stop_token_ids=tuple(body.stop_token_ids or ()),

@@ -11,14 +11,22 @@ from typing import Any
 
 import torch
 
-from cluster.config import parse_config
+from cluster.config import AppConfig, parse_config
 from cluster.launch import attach_expert_groups
 from emoe.api import GenerateChunk, GenerateRequest, ModelInfo
+from emoe.generation import GenerationDefaults
 from emoe.placement import Placement
 from emoe.tokenizer import Tokenizer
 from router.dispatch import DispatchContext, Dispatcher, LocalDispatcher
 from router.engine import AsyncEngine
 from router.model import load_router_model, parse_dtype
+
+
+def sampling_defaults(cfg: AppConfig) -> tuple[tuple[str, float], ...]:
+    """The release's recommended sampling (generation_config.json), unless configured to ignore it."""
+    if cfg.generation_config == "ignore":
+        return ()
+    return tuple(GenerationDefaults.from_pretrained(cfg.model).sampling().items())
 
 
 class RouterServer:
@@ -48,6 +56,7 @@ class RouterServer:
             eos_token_ids=spec.eos_token_ids,
             num_groups=cfg.groups,
             transport=cfg.transport,
+            sampling_defaults=sampling_defaults(cfg),
         )
         self.dispatcher = dispatcher
         self.engine = AsyncEngine(spec, model, dispatcher, econf, Tokenizer(cfg.model))

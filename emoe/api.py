@@ -110,6 +110,13 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     num_groups: int = 1
     transport: str = "local"
+    # (name, value) pairs: the release's recommended temperature / top_p / top_k (generation_config.json),
+    # applied where a request leaves them unset
+    sampling_defaults: tuple[tuple[str, float], ...] = ()
+
+    def sampling_default(self, name: str, fallback: float) -> float:
+        """The model's default for sampling parameter `name`, else `fallback` (the API's own default)."""
+        return dict(self.sampling_defaults).get(name, fallback)
 
     def default_max_tokens(self, default: int, prompt_len: int) -> int:
         """`default`, lowered to `max_tokens_limit` and to the context left after the prompt (at least 1)."""

@@ -46,3 +46,17 @@ def test_local_serve_gives_the_router_one_thread_unless_configured():
         == 3
     )
     assert one_machine_threads(AppConfig(model="m", transport="local")).router_torch_threads == 0
+
+
+def test_generation_config_auto_reads_the_release_defaults_and_ignore_drops_them(tmp_path):
+    from cluster.router_server import sampling_defaults
+
+    (tmp_path / "generation_config.json").write_text(
+        '{"eos_token_id": 2, "do_sample": true, "temperature": 1.0, "top_p": 0.95, "top_k": 40}'
+    )
+    auto = parse_config({"model": str(tmp_path)})
+    assert auto.generation_config == "auto"
+    assert dict(sampling_defaults(auto)) == {"temperature": 1.0, "top_p": 0.95, "top_k": 40}
+    assert sampling_defaults(parse_config({"model": str(tmp_path), "generation_config": "ignore"})) == ()
+    with pytest.raises(ConfigError, match="generation_config"):
+        parse_config({"model": str(tmp_path), "generation_config": "vllm"})
