@@ -3,53 +3,29 @@
 A consumer reads tensors by name; only the files holding them are opened and only their bytes are read
 (`Checkpoint.stats` counts both, so tests can prove that an expert group read only its experts). Sharded
 checkpoints are followed through `model.safetensors.index.json`'s `weight_map`; shard file names are never
-guessed. FP8 block-quantized weights (`weight_scale_inv`) are dequantized as they are read.
+guessed. FP8 block-quantized weights (`weight_scale_inv`) and MXFP4 experts (`_blocks` + `_scales`) are
+dequantized as they are read. The file format itself is `emoe/safetensors_file.py`.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from emoe.layout import Shape, expected_tensors, is_quantizable
-from emoe.spec import ModelSpec, ceil_div
+from emoe.layout import MXFP4_SUFFIXES, expected_tensors, is_quantizable
+from emoe.quant import FP8_DTYPES, dequantize_fp8, dequantize_mxfp4
+from emoe.safetensors_file import CheckpointError, SafetensorsFile, TensorInfo
+from emoe.spec import ModelSpec
+
+__all__ = ["Checkpoint", "CheckpointError", "ReadStats", "dequantize_fp8", "dequantize_mxfp4"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 SCALE_SUFFIX = "_scale_inv"
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete, inconsistent or corrupt; the message names the tensor or file."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: torch.dtype
-    shape: Shape
-    start: int  # absolute byte offsets in the file
-    end: int
 
 
 @dataclass
@@ -57,76 +33,6 @@ class ReadStats:
     files_opened: set[str] = field(default_factory=set)
     tensors_read: set[str] = field(default_factory=set)
     data_bytes_read: int = 0
-
-
-class SafetensorsFile:
-    """One `.safetensors` file: its header parsed and checked on open, tensors read on demand with pread."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd = os.open(path, os.O_RDONLY)
-        try:
-            self.size = os.fstat(self._fd).st_size
-            self.tensors = self._parse_header()
-        except BaseException:
-            os.close(self._fd)
-            raise
-
-    def _parse_header(self) -> dict[str, TensorInfo]:
-        if self.size < 8:
-            raise CheckpointError(f"{self.path}: file too short for a safetensors header ({self.size} bytes)")
-        n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
-        if n > MAX_HEADER_BYTES or 8 + n > self.size:
-            raise CheckpointError(
-                f"{self.path}: truncated or corrupt safetensors header (declares {n} bytes, file has {self.size})"
-            )
-        try:
-            raw = json.loads(os.pread(self._fd, n, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from e
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header: not a JSON object")
-        base = 8 + n
-        out = {}
-        for name, meta in raw.items():
-            if name == "__metadata__":
-                continue
-            out[name] = self._entry(name, meta, base)
-        return out
-
-    def _entry(self, name: str, meta: dict, base: int) -> TensorInfo:
-        try:
-            dtype = DTYPES[meta["dtype"]]
-            shape = tuple(int(s) for s in meta["shape"])
-            start, end = (base + int(o) for o in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name!r}: {meta!r}") from e
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - start != numel * dtype.itemsize or start < base:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: data offsets do not match dtype and shape")
-        if end > self.size:
-            raise CheckpointError(
-                f"{self.path}: tensor {name!r}: data ends at byte {end} but the file has {self.size} (truncated?)"
-            )
-        return TensorInfo(dtype, shape, start, end)
-
-    def read(self, name: str) -> torch.Tensor:
-        info = self.tensors[name]
-        buf = bytearray(info.end - info.start)
-        view, done = memoryview(buf), 0
-        while done < len(buf):
-            got = os.preadv(self._fd, [view[done:]], info.start + done)
-            if got <= 0:
-                raise CheckpointError(f"{self.path}: unexpected end of file reading tensor {name!r}")
-            done += got
-        if not buf:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 class Checkpoint:
@@ -210,10 +116,10 @@ class Checkpoint:
             )
         return info
 
-    def _raw(self, name: str) -> torch.Tensor:
+    def _raw(self, name: str, rows: Sequence[int] | None = None) -> torch.Tensor:
         self._info(name)
         f = self._file(name)
-        t = f.read(name)
+        t = f.read(name, rows)
         self.stats.tensors_read.add(name)
         self.stats.data_bytes_read += t.numel() * t.element_size()
         return t
@@ -223,6 +129,23 @@ class Checkpoint:
         if t.dtype in FP8_DTYPES:
             t = self._dequantize(name, t)
         return t.to(dtype)
+
+    def get_experts(
+        self, name: str, experts: Sequence[int], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Rows `experts` of a tensor that stacks a layer's experts ([E, ...] -> [len(experts), ...]); only
+        their bytes are read. An MXFP4 weight (spec.mxfp4: `name_blocks` [E, out, in/32, 16] + `name_scales`)
+        comes back dequantized in `name`'s unquantized layout [E, in, out], as transformers loads it."""
+        blocks_name, scales_name = (name + s for s in MXFP4_SUFFIXES)
+        if self.spec is None or not self.spec.mxfp4 or blocks_name not in self.weight_map:
+            return self._raw(name, experts).to(dtype)
+        blocks, scales = self._raw(blocks_name, experts), self._raw(scales_name, experts)
+        out = torch.empty(
+            (len(experts), *blocks.shape[1:-2], blocks.shape[-2] * blocks.shape[-1] * 2), dtype=dtype
+        )
+        for i in range(len(experts)):  # one expert at a time: the float32 codes of a whole layer are large
+            out[i] = dequantize_mxfp4(blocks[i], scales[i], name=name)
+        return out.transpose(1, 2)
 
     def _dequantize(self, name: str, w: torch.Tensor) -> torch.Tensor:
         scale_name = name + SCALE_SUFFIX
@@ -238,21 +161,6 @@ class Checkpoint:
         for f in self._files.values():
             f.close()
         self._files.clear()
-
-
-def dequantize_fp8(
-    w: torch.Tensor, scale_inv: torch.Tensor, *, block: tuple[int, int] | None = None, name: str = "weight"
-) -> torch.Tensor:
-    """`w` [O, I] in FP8 times its per-block `scale_inv` [ceil(O/bo), ceil(I/bi)] -> float32 [O, I]."""
-    out_dim, in_dim = w.shape
-    so, si = scale_inv.shape
-    bo, bi = block if block is not None else (ceil_div(out_dim, so), ceil_div(in_dim, si))
-    if ceil_div(out_dim, bo) != so or ceil_div(in_dim, bi) != si:
-        raise CheckpointError(
-            f"tensor {name!r}: scale_inv shape {[so, si]} does not tile shape {[out_dim, in_dim]}"
-        )
-    scale = scale_inv.repeat_interleave(bo, 0)[:out_dim].repeat_interleave(bi, 1)[:, :in_dim]
-    return w.float() * scale
 
 
 def _weight_map(path: Path) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from emoe.families_gpt_oss import gpt_oss
 from emoe.rope import UnsupportedRope, parse_rope
 from emoe.spec import (
     ROUTING_GROUPED,
@@ -17,6 +18,9 @@ from emoe.spec import (
     ModelSpec,
     UnsupportedModelError,
 )
+from emoe.spec import required_key as _req
+
+MXFP4_FAMILIES = ("gpt_oss",)  # the families whose releases ship MXFP4 experts
 
 
 def build_spec(cfg: dict[str, Any]) -> ModelSpec:
@@ -29,21 +33,18 @@ def build_spec(cfg: dict[str, Any]) -> ModelSpec:
     return BUILDERS[model_type](cfg, _common_fields(cfg))
 
 
-def _req(cfg: dict[str, Any], key: str) -> Any:
-    if key not in cfg or cfg[key] is None:
-        raise ValueError(f"config.json ({cfg.get('model_type')}): missing required key {key!r}")
-    return cfg[key]
-
-
 def _check_common(cfg: dict[str, Any]) -> None:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"unsupported setting hidden_act={act!r} (only 'silu')")
     if cfg.get("quantization_config"):
         q = cfg["quantization_config"]
+        if q.get("quant_method") == "mxfp4" and cfg.get("model_type") in MXFP4_FAMILIES:
+            return
         if q.get("quant_method") != "fp8" or not q.get("weight_block_size"):
             raise UnsupportedModelError(
-                f"unsupported setting quantization_config={q!r} (only block-wise fp8 with weight_block_size)"
+                f"unsupported setting quantization_config={q!r} (only block-wise fp8 with weight_block_size, "
+                f"or mxfp4 for {', '.join(MXFP4_FAMILIES)})"
             )
 
 
@@ -63,7 +64,7 @@ def _common_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     except UnsupportedRope as e:
         raise UnsupportedModelError(str(e)) from e
     partial = partial if partial is not None else 1.0  # rotary_dim is MiniMax-M2's (see its builder)
-    q = cfg.get("quantization_config")
+    q = cfg.get("quantization_config") or {}
     bos = cfg.get("bos_token_id")
     return dict(
         family=cfg["model_type"],
@@ -79,7 +80,8 @@ def _common_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         rotary_dim=int(head_dim * partial),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        fp8=FP8Spec(tuple(q["weight_block_size"])) if q else None,
+        fp8=FP8Spec(tuple(q["weight_block_size"])) if q.get("quant_method") == "fp8" else None,
+        mxfp4=q.get("quant_method") == "mxfp4",
         eos_token_ids=_eos(cfg),
         bos_token_id=bos if isinstance(bos, int) and 0 <= bos < cfg["vocab_size"] else None,
         ignore_layers_from=int(cfg["num_hidden_layers"]),
@@ -263,6 +265,7 @@ BUILDERS = {
     "kimi_k2": _deepseek_v3,  # Kimi-K2: the DeepSeek-V3 architecture under its own model_type
     "glm4_moe_lite": _deepseek_v3,  # GLM-4.7-Flash: DeepSeek-V3's MLA and router under GLM's layer list
     "glm4_moe": _glm4_moe,
+    "gpt_oss": gpt_oss,
 }
 
 FAMILIES = tuple(BUILDERS)

@@ -6,9 +6,11 @@ name and shape against this table, so a missing, extra or mis-shaped tensor is c
 
 from __future__ import annotations
 
-from emoe.spec import ModelSpec
+from emoe.spec import EXPERTS_FUSED, MXFP4_BLOCK, ModelSpec
 
 Shape = tuple[int, ...]
+FUSED_EXPERT_TENSORS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+MXFP4_SUFFIXES = ("_blocks", "_scales")  # a quantized `name` is stored as name_blocks + name_scales
 
 
 def layer_prefix(layer: int) -> str:
@@ -19,6 +21,28 @@ def expert_keys(spec: ModelSpec, layer: int, expert: int) -> tuple[str, str, str
     """(gate, up, down) weight names of one routed expert."""
     base = f"{layer_prefix(layer)}.{spec.moe_prefix}.experts.{expert}"
     return tuple(f"{base}.{n}.weight" for n in spec.expert_names)  # type: ignore[return-value]
+
+
+def fused_expert_keys(spec: ModelSpec, layer: int) -> dict[str, str]:
+    """gpt-oss: one layer's experts in four tensors, by role: gate_up_proj [E, H, 2I] (gate and up columns
+    interleaved), gate_up_proj_bias [E, 2I], down_proj [E, I, H], down_proj_bias [E, H]."""
+    base = f"{layer_prefix(layer)}.{spec.moe_prefix}.experts"
+    return {role: f"{base}.{role}" for role in FUSED_EXPERT_TENSORS}
+
+
+def _fused_expert_tensors(spec: ModelSpec, layer: int) -> dict[str, Shape]:
+    """As stored: the weights plain, or (mxfp4) as `_blocks` [E, out, in/32, 16] + `_scales` [E, out, in/32]."""
+    e, h, i = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
+    keys = fused_expert_keys(spec, layer)
+    out = {keys["gate_up_proj_bias"]: (e, 2 * i), keys["down_proj_bias"]: (e, h)}
+    for role, (rows, cols) in (("gate_up_proj", (h, 2 * i)), ("down_proj", (i, h))):
+        if spec.mxfp4:  # stored [out, in], blocked along in
+            blocks, scales = (keys[role] + s for s in MXFP4_SUFFIXES)
+            out[blocks] = (e, cols, rows // MXFP4_BLOCK, MXFP4_BLOCK // 2)
+            out[scales] = (e, cols, rows // MXFP4_BLOCK)
+        else:
+            out[keys[role]] = (e, rows, cols)
+    return out
 
 
 def expert_shapes(spec: ModelSpec) -> tuple[Shape, Shape, Shape]:
@@ -49,6 +73,8 @@ def _gqa(spec: ModelSpec, p: str) -> dict[str, Shape]:
         )
     if spec.o_bias:
         out[f"{p}.o_proj.bias"] = (h,)
+    if spec.attention_sinks:
+        out[f"{p}.sinks"] = (spec.num_heads,)
     if spec.qk_norm == "head":
         out.update({f"{p}.q_norm.weight": (d,), f"{p}.k_norm.weight": (d,)})
     elif spec.qk_norm == "full":
@@ -95,7 +121,9 @@ def router_tensors(spec: ModelSpec) -> dict[str, Shape]:
             out.update(_mlp(f"{p}.mlp", h, spec.intermediate_size))
             continue
         moe = f"{p}.{spec.moe_prefix}"
-        out[f"{moe}.gate.weight"] = (spec.num_experts, h)
+        out[f"{moe}.{spec.gate_name}.weight"] = (spec.num_experts, h)
+        if spec.gate_bias:
+            out[f"{moe}.{spec.gate_name}.bias"] = (spec.num_experts,)
         if spec.bias_key:
             out[f"{moe}.{spec.bias_key}"] = (spec.num_experts,)
         if spec.shared_intermediate_size:
@@ -110,6 +138,9 @@ def all_expert_tensors(spec: ModelSpec) -> dict[str, Shape]:
     shapes = expert_shapes(spec)
     out: dict[str, Shape] = {}
     for layer in spec.moe_layer_ids:
+        if spec.expert_layout == EXPERTS_FUSED:
+            out.update(_fused_expert_tensors(spec, layer))
+            continue
         for e in range(spec.num_experts):
             out.update(zip(expert_keys(spec, layer, e), shapes, strict=True))
     return out

@@ -1,6 +1,6 @@
 """ModelSpec: what the engine needs to know of a checkpoint, read from its Hugging Face `config.json`.
 
-One frozen dataclass covers the five supported families; `ModelSpec.from_config` is the only place that
+One frozen dataclass covers the supported families; `ModelSpec.from_config` is the only place that
 knows each family's config keys. Anything we do not implement is rejected here, by name.
 """
 
@@ -18,6 +18,15 @@ from emoe.rope import RopeScaling
 ROUTING_SOFTMAX = "softmax_topk"  # softmax -> top-k (-> renormalize)
 ROUTING_SIGMOID_BIAS = "sigmoid_bias"  # sigmoid; top-k on score + bias; weights from unbiased score
 ROUTING_GROUPED = "grouped_sigmoid_bias"  # DeepSeek-V3: sigmoid + bias, group-limited top-k
+ROUTING_TOPK_SOFTMAX = "topk_softmax"  # gpt-oss: top-k on the logits, softmax over the k chosen
+
+EXPERTS_PER_EXPERT = "per_expert"  # one (gate, up, down) weight triple per expert (expert_keys)
+EXPERTS_FUSED = "fused"  # gpt-oss: all experts of a layer in one tensor, gate/up interleaved, with biases
+
+MXFP4_BLOCK = 32  # MXFP4: values per power-of-two scale, along a weight's input dim
+
+ACT_SILU = "silu"
+ACT_SWIGLU_CLAMPED = "swiglu_clamped"
 
 
 class UnsupportedModelError(ValueError):
@@ -27,6 +36,19 @@ class UnsupportedModelError(ValueError):
 @dataclass(frozen=True)
 class FP8Spec:
     block: tuple[int, int]  # weight_block_size [out, in]
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """The experts' gated activation of (gate, up): `silu` is silu(gate) * up; `swiglu_clamped` (gpt-oss) is
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = clamp(gate, max=limit)."""
+
+    kind: str = ACT_SILU
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+SILU_GLU = ExpertActivation(ACT_SILU)
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,8 @@ class ModelSpec:
     o_bias: bool = False
     qk_norm: str | None = None  # None | "head" (per head, Qwen3) | "full" (whole projection, MiniMax-M2)
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()  # per layer: sliding_window applies (empty: every layer)
+    attention_sinks: bool = False  # a learned logit per head joins each softmax denominator (gpt-oss)
     rope_interleave: bool = False
     rope_scaling: RopeScaling = RopeScaling()
     q_lora_rank: int | None = None
@@ -69,11 +93,17 @@ class ModelSpec:
     shared_intermediate_size: int = 0  # 0: no shared expert
     shared_gated: bool = False  # shared expert output x sigmoid(shared_expert_gate(x))
     moe_layers: tuple[bool, ...] = ()  # per layer: routed experts (True) or a dense MLP (False)
+    expert_activation: ExpertActivation = SILU_GLU
+    expert_bias: bool = False  # biases on the experts' gate/up and down projections (gpt-oss)
     # checkpoint layout
     moe_prefix: str = "mlp"  # "block_sparse_moe" for mixtral / minimax_m2
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # or ("w1", "w3", "w2")
+    expert_layout: str = EXPERTS_PER_EXPERT  # or EXPERTS_FUSED
+    gate_name: str = "gate"  # the router's module under the MoE block ("router" for gpt-oss)
+    gate_bias: bool = False  # the router has a bias added to its logits (gpt-oss)
     bias_key: str | None = None  # e_score_correction_bias, relative to the layer's MoE block
     fp8: FP8Spec | None = None
+    mxfp4: bool = False  # routed experts stored as MXFP4 `*_blocks` + `*_scales` (gpt-oss releases)
     ignore_layers_from: int = 0  # layer indices >= this in the checkpoint are ignored (DeepSeek MTP)
     eos_token_ids: tuple[int, ...] = field(default=())
     bos_token_id: int | None = None
@@ -82,6 +112,12 @@ class ModelSpec:
     @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i, is_moe in enumerate(self.moe_layers) if is_moe]
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention, None for full attention."""
+        if self.sliding_layers and not self.sliding_layers[layer]:
+            return None
+        return self.sliding_window
 
     @property
     def attn_scale(self) -> float:
@@ -123,6 +159,13 @@ class ModelSpec:
         from emoe.families import build_spec  # the family builders construct ModelSpecs
 
         return build_spec(cfg)
+
+
+def required_key(cfg: dict[str, Any], key: str) -> Any:
+    """cfg[key], or ValueError naming the key and the model type."""
+    if key not in cfg or cfg[key] is None:
+        raise ValueError(f"config.json ({cfg.get('model_type')}): missing required key {key!r}")
+    return cfg[key]
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -47,24 +47,45 @@ def _mask(n: int, past: int, window: int | None, device: torch.device) -> torch.
     return allowed
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
-    """q [n, N, D], k [L, Nkv, D], v [L, Nkv, Dv] -> [n, N * Dv]."""
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, sinks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q [n, N, D], k [L, Nkv, D], v [L, Nkv, Dv] (, sinks [N]) -> [n, N * Dv]."""
     rep = q.shape[1] // k.shape[1]
-    kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [Nkv, L, D]
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [N, n, D], [Nkv, L, D]
     if rep > 1:
         kt, vt = kt.repeat_interleave(rep, dim=0), vt.repeat_interleave(rep, dim=0)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), kt, vt, attn_mask=mask, scale=scale)  # [N, n, Dv]
+    if sinks is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)  # [N, n, Dv]
+    else:  # SDPA has no sinks: scores, masked, softmax with the sink column
+        scores = torch.matmul(qt, kt.transpose(1, 2)).float() * scale  # [N, n, L]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(_softmax_with_sinks(scores, sinks.view(-1, 1, 1)).to(vt.dtype), vt)
     return out.transpose(0, 1).reshape(q.shape[0], -1)
 
 
+def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """softmax over [scores, sink] along the last dim, the sink's share dropped: scores [..., L] float32,
+    sinks broadcastable to [..., 1] -> probabilities [..., L] that sum to less than 1."""
+    sink = sinks.float().expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+
+
 def _sdpa_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decode: PagedDecode, window: int | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decode: PagedDecode,
+    window: int | None,
+    scale: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, N, D]; k [B * Nkv, L, D], v [B * Nkv, L, Dv] (sequence-major, padded: `decode.valid`)
-    -> [B, N * Dv]."""
+    """q [B, N, D]; k [B * Nkv, L, D], v [B * Nkv, L, Dv] (sequence-major, padded: `decode.valid`);
+    sinks [N] or None -> [B, N * Dv]."""
     b, n, d = q.shape
     nkv, length, dv = k.shape[0] // b, k.shape[1], v.shape[2]
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" and sinks is None:
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [B, N, 1, D]
             k.view(b, nkv, length, d),
@@ -74,12 +95,15 @@ def _sdpa_decode(
             enable_gqa=True,
         )  # [B, N, 1, Dv]
         return out.reshape(b, -1)
-    # CPU: two batched matmuls over (sequence, kv head), each kv head's query heads as rows; several times
-    # faster here than SDPA's kernels for a single query position
+    # CPU (and sinks): two batched matmuls over (sequence, kv head), each kv head's query heads as rows;
+    # several times faster here than SDPA's kernels for a single query position
     bias = decode.attention_bias(nkv, q.dtype, window)  # [B * Nkv, 1, L], once per step
-    scores = torch.baddbmm(bias, q.reshape(b * nkv, n // nkv, d), k.transpose(1, 2), alpha=scale)
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # [B * Nkv, rep, L]
-    return torch.bmm(probs, v).reshape(b, n * dv)
+    scores = torch.baddbmm(bias, q.reshape(b * nkv, n // nkv, d), k.transpose(1, 2), alpha=scale).float()
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)  # [B * Nkv, rep, L]
+    else:  # query head h = kv head * rep + r: sinks [N] -> [Nkv, rep, 1], the same for every sequence
+        probs = _softmax_with_sinks(scores.view(b, nkv, n // nkv, length), sinks.view(nkv, n // nkv, 1))
+    return torch.bmm(probs.reshape(b * nkv, n // nkv, length).to(v.dtype), v).reshape(b, n * dv)
 
 
 def _per_segment(
@@ -93,9 +117,10 @@ def _per_segment(
 
 
 class GQAAttention:
-    """Grouped-query attention with RoPE (optionally partial), optional qkv bias and q/k RMSNorm."""
+    """Grouped-query attention with RoPE (optionally partial), optional qkv bias, q/k RMSNorm, this layer's
+    sliding window and attention sinks."""
 
-    def __init__(self, spec: ModelSpec, layer: int, get: Callable[[str], torch.Tensor], rope: Rope):
+    def __init__(self, spec: ModelSpec, layer: int, get: Callable[..., torch.Tensor], rope: Rope):
         p = f"model.layers.{layer}.self_attn"
         opt = _optional(get)
         self.layer, self.spec, self.rope = layer, spec, rope
@@ -106,6 +131,8 @@ class GQAAttention:
         self.o = Linear(wo, opt(f"{p}.o_proj.bias", spec.o_bias))
         self.q_norm = opt(f"{p}.q_norm.weight", spec.qk_norm is not None)
         self.k_norm = opt(f"{p}.k_norm.weight", spec.qk_norm is not None)
+        self.window = spec.window(layer)
+        self.sinks = get(f"{p}.sinks", torch.float32) if spec.attention_sinks else None  # [N]
 
     def __call__(self, x: torch.Tensor, cos_sin, segments: Segments) -> torch.Tensor:
         s, t = self.spec, x.shape[0]
@@ -123,15 +150,15 @@ class GQAAttention:
         decode = segments.decode
         if decode is not None:  # one position per sequence: the whole batch at once
             kk, vv = decode.append_and_read(self.layer, k, v)  # [B * Nkv, L, D]
-            out = _sdpa_decode(q, kk, vv, decode, s.sliding_window, s.attn_scale)
+            out = _sdpa_decode(q, kk, vv, decode, self.window, s.attn_scale, self.sinks)
             return self.o(out)
 
         def one(seg: Segment, mask) -> torch.Tensor:
             sl = slice(seg.start, seg.start + seg.n)
             kk, vv = seg.cache.append(self.layer, k[sl], v[sl])
-            return _sdpa(q[sl], kk, vv, mask, s.attn_scale)
+            return _sdpa(q[sl], kk, vv, mask, s.attn_scale, self.sinks)
 
-        out = _per_segment(x, segments, s.sliding_window, one)  # [T, N * D]
+        out = _per_segment(x, segments, self.window, one)  # [T, N * D]
         return self.o(out)
 
 
@@ -141,7 +168,7 @@ MLA_LATENT_NORM_EPS = 1e-6  # transformers' DeepSeek-V3 latent norms use their d
 class MLAAttention:
     """DeepSeek multi-head latent attention: the cache holds the compressed latent and the rotary key."""
 
-    def __init__(self, spec: ModelSpec, layer: int, get: Callable[[str], torch.Tensor], rope: Rope):
+    def __init__(self, spec: ModelSpec, layer: int, get: Callable[..., torch.Tensor], rope: Rope):
         p = f"model.layers.{layer}.self_attn"
         opt = _optional(get)
         self.layer, self.spec, self.rope = layer, spec, rope

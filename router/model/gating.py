@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from emoe.spec import ROUTING_GROUPED, ROUTING_SIGMOID_BIAS, ROUTING_SOFTMAX, ModelSpec
+from emoe.spec import ROUTING_GROUPED, ROUTING_SIGMOID_BIAS, ROUTING_SOFTMAX, ROUTING_TOPK_SOFTMAX, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,34 @@ def grouped_sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor | None, p: Gat
     return ids, weights * p.routed_scaling_factor
 
 
+def topk_softmax(logits: torch.Tensor, bias: torch.Tensor | None, p: GateParams):
+    """gpt-oss: top-k on the logits, then a softmax over the k chosen."""
+    values, ids = torch.topk(logits.float(), p.top_k, dim=-1)  # [T, k]
+    return ids, F.softmax(values, dim=-1)
+
+
 GATES: dict[str, Callable] = {
     ROUTING_SOFTMAX: softmax_topk,
+    ROUTING_TOPK_SOFTMAX: topk_softmax,
     ROUTING_SIGMOID_BIAS: sigmoid_bias_topk,
     ROUTING_GROUPED: grouped_sigmoid_topk,
 }
 
 
 class Gate:
-    """The gate of one MoE layer: logits = x W^T, then the family's routing function."""
+    """The gate of one MoE layer: logits = x W^T (+ `logit_bias`), then the family's routing function
+    (`bias`: the selection bias some routing functions add to their scores)."""
 
-    def __init__(self, spec: ModelSpec, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ):
         self.weight = weight.float() if spec.routing == ROUTING_GROUPED else weight  # [E, H]
         self.bias = bias.float() if bias is not None else None  # [E]
+        self.logit_bias = logit_bias.to(self.weight.dtype) if logit_bias is not None else None  # [E]
         self.fn = GATES[spec.routing]
         self.params = GateParams(
             spec.top_k, spec.norm_topk_prob, spec.n_group, spec.topk_group, spec.routed_scaling_factor
@@ -78,5 +93,5 @@ class Gate:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (ids [T, k] long, weights [T, k] float32)."""
-        logits = F.linear(x.to(self.weight.dtype), self.weight)  # [T, E]
+        logits = F.linear(x.to(self.weight.dtype), self.weight, self.logit_bias)  # [T, E]
         return self.fn(logits, self.bias, self.params)

@@ -156,7 +156,8 @@ class PagedDecode:
         return idx
 
     def attention_bias(self, heads: int, dtype: torch.dtype, window: int | None) -> torch.Tensor:
-        """[B * heads, 1, L]: 0 where a key is attended, -inf elsewhere (padding, outside the window)."""
+        """[B * heads, 1, L]: 0 where a key is attended, -inf elsewhere (padding, outside the window); built
+        once per step and window (gpt-oss alternates a sliding window and full attention by layer)."""
         key = (heads, dtype, window)
         bias = self._bias.get(key)
         if bias is None:

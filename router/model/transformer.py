@@ -40,7 +40,11 @@ class MoEBlock:
         p = f"model.layers.{layer}.{spec.moe_prefix}"
         self.layer = layer
         bias = get(f"{p}.{spec.bias_key}", torch.float32) if spec.bias_key else None
-        self.gate = Gate(spec, get(f"{p}.gate.weight", torch.float32 if spec.bias_key else None), bias)
+        gate = f"{p}.{spec.gate_name}"
+        logit_bias = get(f"{gate}.bias") if spec.gate_bias else None
+        self.gate = Gate(
+            spec, get(f"{gate}.weight", torch.float32 if spec.bias_key else None), bias, logit_bias
+        )
         self.shared = None
         self.shared_gate = None
         if spec.shared_intermediate_size:

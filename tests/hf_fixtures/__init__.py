@@ -24,6 +24,11 @@ Design notes
 * transformers 5.x keeps experts fused in memory (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj``)
   but ``save_pretrained`` reverts its conversion mapping, so the files keep the hub per-expert layout
   (``model.layers.1.block_sparse_moe.experts.3.w1.weight``, ``model.layers.1.mlp.experts.3.gate_proj.weight``).
+  gpt_oss is the exception: its release stores the experts fused (``mlp.experts.gate_up_proj`` [E, H, 2I],
+  gate/up interleaved, with biases), and so do its files here; ``make_mxfp4_gpt_oss_checkpoint`` stores them
+  MXFP4-quantized as the release does.
+* ``releases.make_release`` shapes checkpoints like the hub releases (config field set, generation_config,
+  FP8 scales, MTP layer).
 """
 
 from tests.hf_fixtures.fp8 import (
@@ -34,6 +39,7 @@ from tests.hf_fixtures.fp8 import (
 )
 from tests.hf_fixtures.loading import load_hf_model
 from tests.hf_fixtures.models import FAMILIES, FAMILY_CONFIG_KWARGS, build_hf_model, make_hf_checkpoint
+from tests.hf_fixtures.mxfp4 import make_mxfp4_gpt_oss_checkpoint
 
 __all__ = [
     "FAMILIES",
@@ -43,6 +49,7 @@ __all__ = [
     "load_hf_model",
     "make_fp8_minimax_checkpoint",
     "make_hf_checkpoint",
+    "make_mxfp4_gpt_oss_checkpoint",
     "quantize_fp8_block",
     "write_sharded_safetensors",
 ]

@@ -57,6 +57,17 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def source_checkpoint(family: str, out: Path, *, seed: int, vocab_size: int) -> tuple[dict, dict]:
+    """(tensors, config) of a fresh `family` checkpoint, its generation_config.json copied into `out`:
+    the start of a quantized fixture."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"emoe-{family}-src-") as tmp:
+        src = make_hf_checkpoint(family, tmp, seed=seed, vocab_size=vocab_size, max_shard_size="1GB")
+        if (src / "generation_config.json").is_file():
+            shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
+        return _read_checkpoint(src), json.loads((src / "config.json").read_text())
+
+
 def write_sharded_safetensors(
     tensors: dict[str, torch.Tensor], out_dir: str | Path, *, max_shard_bytes: int = 40_000
 ) -> list[str]:
@@ -102,14 +113,7 @@ def make_fp8_minimax_checkpoint(
     """
     b0, b1 = int(block[0]), int(block[1])
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="emoe-fp8-src-") as tmp:
-        src = make_hf_checkpoint("minimax_m2", tmp, seed=seed, vocab_size=vocab_size, max_shard_size="1GB")
-        tensors = _read_checkpoint(src)
-        config = json.loads((src / "config.json").read_text())
-        extra = [f for f in ("generation_config.json",) if (src / f).is_file()]
-        for f in extra:
-            shutil.copyfile(src / f, out / f)
+    tensors, config = source_checkpoint("minimax_m2", out, seed=seed, vocab_size=vocab_size)
 
     quantized: dict[str, torch.Tensor] = {}
     for name in sorted(tensors):

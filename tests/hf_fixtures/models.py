@@ -9,14 +9,13 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "minimax_m2", "deepseek_v3", "glm4_moe", "glm4_moe_lite")
-
 INIT_STD = 0.15
 LM_HEAD_STD = 0.4  # logits std ~2.5: top-1/top-2 gaps well above fp noise
 ROUTER_LOGIT_STD = 3.0
 E_SCORE_BIAS_STD = 0.1
 NORM_JITTER = 0.1
 BIAS_STD = 0.1
+SINK_STD = 1.0  # attention sinks (gpt_oss): some heads give the sink a large share, some almost none
 
 BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 2
@@ -153,7 +152,35 @@ FAMILY_CONFIG_KWARGS: dict[str, dict[str, Any]] = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         max_position_embeddings=256,
     ),
+    "gpt_oss": dict(  # sinks, sliding (8) / full attention alternating, q/k/v/o bias, YaRN, fused experts
+        hidden_size=64,  # hidden and intermediate multiples of 32: the MXFP4 fixture quantizes the experts
+        head_dim=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        attention_bias=True,
+        swiglu_alpha=1.702,
+        swiglu_limit=1.5,  # pre-activations have std ~1.2 here: the clamps bite on some of them
+        rope_parameters={  # factor = max_position_embeddings / original, as in the release (131072 / 4096)
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 64,
+        },
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    ),
 }
+
+FAMILIES = tuple(FAMILY_CONFIG_KWARGS)
 
 _CONFIG_CLASS_NAMES = {
     "mixtral": "MixtralConfig",
@@ -163,10 +190,12 @@ _CONFIG_CLASS_NAMES = {
     "deepseek_v3": "DeepseekV3Config",
     "glm4_moe": "Glm4MoeConfig",
     "glm4_moe_lite": "Glm4MoeLiteConfig",
+    "gpt_oss": "GptOssConfig",
 }
 
-# In-memory (transformers) names of MoE routers: `<...>.mlp.gate.weight`. Not `gate_proj`, not `shared_expert_gate`.
-_ROUTER_RE = re.compile(r"\.mlp\.gate\.weight$")
+# In-memory (transformers) names of MoE routers: `<...>.mlp.gate.weight` (gpt_oss: `.mlp.router.weight`).
+# Not `gate_proj`, not `shared_expert_gate`.
+_ROUTER_RE = re.compile(r"\.mlp\.(gate|router)\.weight$")
 _NORM_RE = re.compile(r"(norm|layernorm)[^.]*\.weight$")
 
 
@@ -208,8 +237,10 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
             val = randn(p) * (ROUTER_LOGIT_STD / math.sqrt(hidden))
         elif p.ndim == 1 and _NORM_RE.search(name):
             val = 1.0 + NORM_JITTER * randn(p)
-        elif name.endswith(".bias"):
+        elif name.endswith((".bias", "_proj_bias")):  # gpt_oss experts: gate_up_proj_bias, down_proj_bias
             val = BIAS_STD * randn(p)
+        elif name.endswith(".sinks"):
+            val = SINK_STD * randn(p)
         elif p.ndim == 1:
             val = 1.0 + NORM_JITTER * randn(p)  # any other 1-D weight is a norm-like scale
         else:

@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 
 import experts.ffn as ffn
-from emoe.spec import ModelSpec
+from emoe.spec import ACT_SWIGLU_CLAMPED, ExpertActivation, ModelSpec
 from experts.ffn import (
     PackedExperts,
     expert_ffn_grouped,
     expert_ffn_packed,
     expert_ffn_reference,
+    get_activation,
     packing_supported,
+    silu_glu,
     use_padded,
 )
 from experts.store import ExpertStore
@@ -33,6 +35,20 @@ def _experts(num_experts, hidden, inter, dtype, seed=0):
     w_gu = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5
     w_d = torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5
     return w_gu.to(dtype), w_d.to(dtype)
+
+
+def _biases(num_experts, hidden, inter, dtype, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    b_gu, b_d = (
+        torch.randn(num_experts, 2 * inter, generator=g),
+        torch.randn(num_experts, hidden, generator=g),
+    )
+    return (0.5 * b_gu).to(dtype), (0.5 * b_d).to(dtype)
+
+
+SWIGLU = get_activation(
+    ExpertActivation(ACT_SWIGLU_CLAMPED, alpha=1.702, limit=0.8)
+)  # gpt-oss, clamping here
 
 
 def _routing(n, k, num_experts, hidden, dtype, seed=1, elsewhere=0.2):
@@ -55,14 +71,31 @@ def test_padded_path_is_chosen_for_decode_and_not_for_few_experts():
     assert not use_padded(torch.zeros(16, dtype=torch.long), 0)
 
 
+@pytest.mark.parametrize("gpt_oss", [False, True], ids=["silu", "swiglu-clamped+bias"])
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "loop"])
-def test_both_grouped_paths_equal_the_reference(monkeypatch, padded):
+def test_both_grouped_paths_equal_the_reference(monkeypatch, padded, gpt_oss):
     monkeypatch.setattr(ffn, "use_padded", lambda counts, pairs: padded)
     w_gu, w_d = _experts(16, 64, 32, torch.float32)
     x, ids, w = _routing(40, 4, 16, 64, torch.float32)
-    got = expert_ffn_grouped(x, ids, w, w_gu, w_d)
-    want = expert_ffn_reference(x, ids, w, w_gu, w_d)
+    b_gu, b_d = _biases(16, 64, 32, torch.float32) if gpt_oss else (None, None)
+    extra = dict(b_gate_up=b_gu, b_down=b_d, act=SWIGLU if gpt_oss else silu_glu)
+    got = expert_ffn_grouped(x, ids, w, w_gu, w_d, **extra)
+    want = expert_ffn_reference(x, ids, w, w_gu, w_d, **extra)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_bf16
+def test_packed_experts_with_biases_and_clamped_swiglu():
+    w_gu, w_d = _experts(8, 128, 64, torch.bfloat16)
+    b_gu, b_d = _biases(8, 128, 64, torch.bfloat16)
+    x, ids, w = _routing(24, 4, 8, 128, torch.bfloat16)
+    got = expert_ffn_packed(x, ids, w, PackedExperts(w_gu, w_d, b_gu, b_d), SWIGLU)
+    want = expert_ffn_reference(
+        x.float(), ids, w, w_gu.float(), w_d.float(), b_gate_up=b_gu.float(), b_down=b_d.float(), act=SWIGLU
+    )
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=3e-2)
+    plain = expert_ffn_grouped(x, ids, w, w_gu, w_d, b_gate_up=b_gu, b_down=b_d, act=SWIGLU)
+    torch.testing.assert_close(got.float(), plain.float(), atol=3e-2, rtol=2e-2)
 
 
 @needs_bf16
@@ -118,9 +151,10 @@ def test_packed_linear_equals_f_linear(rows):
     assert Linear(w.float()).packed is None  # fp32 keeps the plain kernel
 
 
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
 @pytest.mark.parametrize("window", [None, 5], ids=["full", "sliding-window"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_decode_attention_equals_per_sequence(window, dtype):
+def test_batched_decode_attention_equals_per_sequence(window, dtype, sinks):
     """One query position per sequence over paged caches of different lengths: the batched path gives
     what attention per sequence gives (the reference path of prefill and of `Engine`)."""
     heads, kv_heads, dim, block = 8, 2, 16, 4
@@ -144,6 +178,7 @@ def test_batched_decode_attention_equals_per_sequence(window, dtype):
     q = torch.randn(len(lengths), heads, dim, generator=g).to(dtype)
     k_new = torch.randn(len(lengths), kv_heads, dim, generator=g).to(dtype)
     v_new = torch.randn(len(lengths), kv_heads, dim, generator=g).to(dtype)
+    sink = 2 * torch.randn(heads, generator=g) if sinks else None  # gpt-oss: a logit per head
 
     want = []
     for i, n in enumerate(lengths):  # per sequence, on independent views of the same pool
@@ -152,7 +187,7 @@ def test_batched_decode_attention_equals_per_sequence(window, dtype):
         mask = None
         if window is not None and n > window:
             mask = (torch.arange(n) > n - 1 - window).unsqueeze(0)
-        want.append(_sdpa(q[i : i + 1], kk, vv, mask, dim**-0.5))
+        want.append(_sdpa(q[i : i + 1], kk, vv, mask, dim**-0.5, sink))
     want = torch.cat(want)
 
     decode = PagedDecode(pool, caches)
@@ -160,7 +195,7 @@ def test_batched_decode_attention_equals_per_sequence(window, dtype):
     assert kk.shape == (len(lengths) * kv_heads, max(lengths), dim)
     flat_k = pool.layers[0][0][decode.index]  # [B, L, Nkv, D], plain indexing of the pool
     assert torch.equal(kk, flat_k.transpose(1, 2).reshape(kk.shape))  # the same keys, head-major
-    got = _sdpa_decode(q, kk, vv, decode, window, dim**-0.5)
+    got = _sdpa_decode(q, kk, vv, decode, window, dim**-0.5, sink)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
