@@ -24,7 +24,7 @@ def test_remote_equals_in_process(ray_cluster, reference, transport, num_groups)
     with Engine.from_pretrained(path, dispatcher=transport, num_groups=num_groups) as engine:
         got = engine.logits(PROMPTS)
         tokens = engine.generate(PROMPTS, max_tokens=12, ignore_eos=True)
-        calls = engine.dispatcher.stats.calls
+        calls = engine.dispatcher.stats()["calls"]
     for a, b in zip(got, want_logits, strict=True):
         err = (a - b).abs().max().item()
         assert err <= 1e-5, f"{transport} G={num_groups}: max abs logit error {err:.3g}"

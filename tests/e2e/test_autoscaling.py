@@ -9,9 +9,7 @@ import pytest
 
 from bench.autoscale import LoadDriver
 from emoe.demo import write_demo_model
-from emoe.tokenizer import Tokenizer
-from router import Engine
-from tests.e2e.conftest import free_port
+from tests.waiting import wait_until
 
 PROMPTS = ["Once upon a time", "The quick brown fox", "Hello world!", "Numbers and symbols", "café"]
 MAX_TOKENS = 24
@@ -29,19 +27,9 @@ def running_replicas(serve, app: str, deployment: str) -> int:
     return int(status.replica_states.get("RUNNING", 0))
 
 
-def test_hot_group_scales_up_and_back_without_failures(ray_cluster, hot_model):
+def test_hot_group_scales_up_and_back_without_failures(launch, hot_model):
     from ray import serve
 
-    from cluster.app import build_app
-
-    tok = Tokenizer(hot_model)
-    with Engine.from_pretrained(hot_model) as engine:
-        want = {
-            p: engine.generate([tok.encode(p)], max_tokens=MAX_TOKENS, ignore_eos=True)[0] for p in PROMPTS
-        }
-
-    serve.shutdown()  # a fresh Serve instance: HTTP options apply only to a new one
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     cfg = dict(
         model=str(hot_model),
         groups=2,
@@ -55,34 +43,43 @@ def test_hot_group_scales_up_and_back_without_failures(ray_cluster, hot_model):
         downscale_delay_s=6.0,
         metrics_push_interval_s=0.5,
     )
-    handle = serve.run(build_app(cfg), name="emoe-scale", route_prefix="/scale")
-    address = f"127.0.0.1:{handle.addresses.remote().result()['grpc_port']}"
-    try:
-        assert running_replicas(serve, "emoe-scale", "ExpertGroup-0") == 1
-        t0 = time.monotonic()
-        timeline = []
-        scaled_at = None
-        with LoadDriver(address, want, clients=6, max_tokens=MAX_TOKENS) as load:
-            while time.monotonic() - t0 < 60:
-                hot, cold = (running_replicas(serve, "emoe-scale", f"ExpertGroup-{g}") for g in (0, 1))
-                timeline.append((round(time.monotonic() - t0, 1), hot, cold))
-                assert cold == 1, timeline
-                if hot >= 3:
-                    scaled_at = time.monotonic() - t0
-                    break
-                time.sleep(0.5)
-            assert scaled_at is not None and scaled_at <= 30, timeline
-            time.sleep(3)  # keep serving on the scaled group for a moment
-        t1 = time.monotonic()
-        while running_replicas(serve, "emoe-scale", "ExpertGroup-0") > 1 and time.monotonic() - t1 < 60:
-            time.sleep(0.5)
-        back_after = time.monotonic() - t1
-        assert running_replicas(serve, "emoe-scale", "ExpertGroup-0") == 1
-        assert back_after >= 5.0  # not before the downscale delay
-        assert running_replicas(serve, "emoe-scale", "ExpertGroup-1") == 1
-        assert load.failed == 0 and load.mismatched == 0 and load.done > 10
-        print(
-            f"scaled to 3 in {scaled_at:.1f}s, back to 1 {back_after:.1f}s after the load, {load.done} requests"
+    app = launch("emoe-scale", "/scale", cfg, prompts=PROMPTS, max_tokens=MAX_TOKENS)
+    timeline: list[tuple[float, int, int]] = []  # (seconds since the load began, hot, cold replicas)
+
+    def observe() -> list[tuple[float, int, int]]:
+        hot, cold = (running_replicas(serve, app.name, f"ExpertGroup-{g}") for g in (0, 1))
+        timeline.append((round(time.monotonic() - t0, 1), hot, cold))
+        assert cold == 1, timeline  # the cold group stays at its minimum throughout
+        return timeline
+
+    assert running_replicas(serve, app.name, "ExpertGroup-0") == 1
+    t0 = time.monotonic()
+    with LoadDriver(app.grpc, app.want, clients=6, max_tokens=MAX_TOKENS) as load:
+        scaled = wait_until(
+            observe, 60, "the hot group at 3 replicas", until=lambda tl: tl[-1][1] >= 3, interval_s=0.5
         )
-    finally:
-        serve.delete("emoe-scale")
+        scaled_at = scaled[-1][0]
+        assert scaled_at <= 30, timeline
+        done_at_scale = load.done  # keep serving on the scaled group for a while
+        wait_until(
+            lambda: load.done,
+            60,
+            "10 more requests served by the scaled group",
+            until=lambda n: n >= done_at_scale + 10,
+        )
+    t1 = time.monotonic()
+    wait_until(
+        lambda: running_replicas(serve, app.name, "ExpertGroup-0"),
+        60,
+        "the hot group back to 1 replica after the load",
+        until=lambda n: n <= 1,
+        interval_s=0.5,
+    )
+    back_after = time.monotonic() - t1
+    assert running_replicas(serve, app.name, "ExpertGroup-0") == 1
+    assert back_after >= 5.0  # not before the downscale delay
+    assert running_replicas(serve, app.name, "ExpertGroup-1") == 1
+    assert load.failed == 0 and load.mismatched == 0 and load.done > 10
+    print(
+        f"scaled to 3 in {scaled_at:.1f}s, back to 1 {back_after:.1f}s after the load, {load.done} requests"
+    )

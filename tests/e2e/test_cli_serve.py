@@ -7,9 +7,9 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 from tests.e2e.conftest import free_port
+from tests.waiting import wait_until
 
 EMOE = [sys.executable, "-m", "cli.main"]
 
@@ -51,11 +51,19 @@ def test_emoe_serve_generate_and_sigterm(demo_model, tmp_path):
             cwd=tmp_path,
             start_new_session=True,
         )
+
+    def serve_log() -> str:
+        assert proc.poll() is None, log.read_text()  # `emoe serve` keeps running while it deploys
+        return log.read_text()
+
     try:
-        deadline = time.monotonic() + 240
-        while "ready" not in log.read_text().splitlines() and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.5)
+        wait_until(
+            serve_log,
+            240,
+            "`emoe serve` to print ready",
+            until=lambda t: "ready" in t.splitlines(),
+            interval_s=0.5,
+        )
         text = log.read_text()
         assert "ready" in text.splitlines(), text
         assert "ExpertGroup-0" in text  # progress was shown while deploying
@@ -76,10 +84,13 @@ def test_emoe_serve_generate_and_sigterm(demo_model, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0, log.read_text()
         assert "shutting down" in log.read_text()
-        deadline = time.monotonic() + 30
-        while set(processes()) & started and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = {p: processes().get(p) for p in set(processes()) & started}
+
+        def left_behind() -> dict[int, tuple[int, str, str]]:
+            table = processes()
+            return {p: table[p] for p in set(table) & started}
+
+        wait_until(left_behind, 30, "the Ray processes to exit", until=lambda left: not left, interval_s=0.5)
+        left = left_behind()
         assert not left, f"Ray processes left behind: {left}"
     finally:
         if proc.poll() is None:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,34 +14,15 @@ import pytest
 
 from bench.autoscale import LoadDriver
 from emoe.demo import write_demo_model
-from emoe.tokenizer import Tokenizer
-from router import Engine
-from tests.e2e.conftest import free_port
+from tests.require import require
+from tests.waiting import wait_until
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PROMPTS = ["Once upon a time", "The quick brown fox", "Hello world!", "Numbers and symbols"]
 
 
-def _need_chromium() -> None:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"chromium missing at {CHROMIUM}: .ci/run installs Debian's chromium")
-        pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}); .ci/run installs it")
-
-
 @pytest.fixture(scope="module")
-def ops_app(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from cluster.app import build_app
-
+def ops_app(launch, tmp_path_factory):
     model = write_demo_model(tmp_path_factory.mktemp("ops") / "m", hot_experts=[0, 1, 2, 3])
-    tok = Tokenizer(model)
-    with Engine.from_pretrained(model) as engine:
-        want = {p: engine.generate([tok.encode(p)], max_tokens=24, ignore_eos=True)[0] for p in PROMPTS}
-    serve.shutdown()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = dict(
         model=str(model),
         groups=2,
@@ -57,23 +36,24 @@ def ops_app(ray_cluster, tmp_path_factory):
         metrics_push_interval_s=0.5,
         admin_token="adm1n",
     )
-    handle = serve.run(build_app(cfg), name="emoe-ops", route_prefix="/")
-    grpc = f"127.0.0.1:{handle.addresses.remote().result()['grpc_port']}"
-    with LoadDriver(grpc, want, clients=5, max_tokens=24) as load:
-        yield {"http": f"http://127.0.0.1:{port}", "handle": handle, "load": load}
-    serve.delete("emoe-ops")
-    serve.shutdown()
+    app = launch("emoe-ops", "/", cfg, prompts=PROMPTS, max_tokens=24)
+    with LoadDriver(app.grpc, app.want, clients=5, max_tokens=24) as load:
+        yield {"http": app.http, "handle": app.handle, "load": load}
 
 
 def test_dashboard_shows_live_state_in_a_browser(ops_app, tmp_path):
-    _need_chromium()
+    chromium = require(
+        "chromium",
+        "the dashboard is checked in a real browser (Playwright drives Debian's chromium)",
+        "Debian package chromium (`apt-get install chromium`; .ci/run does this)",
+    )
     from playwright.sync_api import sync_playwright
 
     errors: list[str] = []
     shot = Path(os.environ.get("EMOE_ARTIFACTS", tmp_path)) / "dashboard.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=CHROMIUM,
+            executable_path=chromium,
             headless=True,
             args=[
                 "--no-sandbox",
@@ -125,8 +105,14 @@ def _scrape(url: str) -> dict[str, float]:
 
 def test_metrics_match_the_load(ops_app):
     done_before = ops_app["load"].done
-    time.sleep(3)
-    m = _scrape(ops_app["http"])
+
+    def caught_up(m: dict[str, float]) -> bool:  # the pushed metrics cover the requests done before
+        return (
+            m.get("emoe_request_latency_seconds_count", 0.0) >= done_before
+            and m.get('emoe_routed_tokens_total{group="0"}', 0.0) > 0
+        )
+
+    m = wait_until(lambda: _scrape(ops_app["http"]), 60, "/metrics to cover the load", until=caught_up)
     stats = ops_app["handle"].router_stats.remote().result()
     assert m['emoe_routed_tokens_total{group="0"}'] > 0
     assert m.get('emoe_routed_tokens_total{group="1"}', 0.0) == 0.0  # hot experts 0-3 are all in group 0

@@ -11,21 +11,14 @@ import pytest
 import ray
 
 from emoe.client import InferenceClient
-from emoe.tokenizer import Tokenizer
-from router import Engine
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import reference_tokens
+from tests.waiting import wait_until
 
 APP = "emoe-faults"
 
 
 @pytest.fixture(scope="module")
-def faults_app(ray_cluster, demo_model):
-    from ray import serve
-
-    from cluster.app import build_app
-
-    serve.shutdown()
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+def faults_app(launch, demo_model):
     cfg = dict(
         model=str(demo_model),
         groups=2,
@@ -35,9 +28,8 @@ def faults_app(ray_cluster, demo_model):
         kv_blocks=1024,
         admin_token="adm1n",
     )
-    handle = serve.run(build_app(cfg), name=APP, route_prefix="/faults")
-    yield f"127.0.0.1:{handle.addresses.remote().result()['grpc_port']}", handle
-    serve.delete(APP)
+    app = launch(APP, "/faults", cfg)
+    return app.grpc, app.handle
 
 
 def replica_actor(deployment: str):
@@ -50,14 +42,9 @@ def replica_actor(deployment: str):
 
 def test_router_dies_mid_stream_and_streams_resume(faults_app, demo_model):
     address, handle = faults_app
-    tok = Tokenizer(demo_model)
     prompts = [f"stream {i}: once upon a time" for i in range(16)]
     sampled = {i: dict(temperature=0.9, top_p=0.95, seed=100 + i) for i in range(0, 16, 2)}
-    with Engine.from_pretrained(demo_model) as engine:
-        want = [
-            engine.generate([tok.encode(p)], max_tokens=80, ignore_eos=True, **sampled.get(i, {}))[0]
-            for i, p in enumerate(prompts)
-        ]
+    want = reference_tokens(demo_model, prompts, 80, sampling=sampled)
     got: dict[int, list[int]] = {}
     errors: list[str] = []
     progress = [0] * 16
@@ -76,9 +63,13 @@ def test_router_dies_mid_stream_and_streams_resume(faults_app, demo_model):
     threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 60
-    while min(progress) < 5 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: (list(progress), list(errors)),  # (tokens per stream, errors)
+        60,
+        "5 tokens on every stream",
+        until=lambda s: min(s[0]) >= 5,
+        interval_s=0.05,
+    )
     ray.kill(replica_actor("Router"), no_restart=True)
     for t in threads:
         t.join(timeout=300)
@@ -90,10 +81,12 @@ def test_router_dies_mid_stream_and_streams_resume(faults_app, demo_model):
 def test_registry_dies_and_comes_back_with_its_state(faults_app):
     address, handle = faults_app
     event = handle.admin_replace.remote("adm1n").result()  # placement v1: state worth keeping
-    deadline = time.monotonic() + 60
-    while handle.placement_state.remote().result()["active_version"] != event["to_version"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    wait_until(
+        lambda: handle.placement_state.remote().result()["active_version"],
+        60,
+        f"placement v{event['to_version']} active",
+        until=lambda v: v == event["to_version"],
+    )
     ok: list[int] = []
     errors: list[str] = []
     stop = threading.Event()
@@ -106,28 +99,37 @@ def test_registry_dies_and_comes_back_with_its_state(faults_app):
                 except Exception as e:  # noqa: BLE001 - the test asserts there are none
                     errors.append(repr(e))
 
+    def registry_state() -> tuple[dict, int]:  # (placement state, replicas in the load report)
+        state = handle.placement_state.remote().result(timeout_s=5)
+        return state, len(handle.load_report.remote().result(timeout_s=5))
+
+    def served() -> tuple[int, list[str]]:  # (completions, errors)
+        return len(ok), list(errors)
+
     t = threading.Thread(target=loop)
     t.start()
-    time.sleep(1)
-    ray.kill(replica_actor("Registry"), no_restart=True)
-    deadline = time.monotonic() + 90
-    state = None
-    while time.monotonic() < deadline:
-        try:
-            state = handle.placement_state.remote().result(timeout_s=5)
-            if (
-                state["active_version"] == event["to_version"]
-                and len(handle.load_report.remote().result()) > 0
-            ):
-                break
-        except Exception:  # noqa: BLE001 - the registry is restarting
-            pass
-        time.sleep(0.5)
-    served_before = len(ok)
-    time.sleep(3)
-    stop.set()
-    t.join(timeout=120)
-    assert state is not None and state["active_version"] == event["to_version"]
+    try:
+        wait_until(served, 60, "a completion before the registry is killed", until=lambda s: s[0] >= 1)
+        ray.kill(replica_actor("Registry"), no_restart=True)
+        state, _ = wait_until(
+            registry_state,
+            90,
+            f"the registry back with placement v{event['to_version']} and re-registered replicas",
+            until=lambda s: s[0]["active_version"] == event["to_version"] and s[1] > 0,
+            ignoring=(Exception,),  # the registry is restarting
+            interval_s=0.5,
+        )
+        served_before = len(ok)
+        wait_until(
+            served,
+            60,
+            "3 more completions after the registry came back",
+            until=lambda s: s[0] >= served_before + 3,
+        )
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert state["active_version"] == event["to_version"]
     assert errors == [] and len(ok) > served_before and all(n == 8 for n in ok)
 
 
@@ -136,10 +138,8 @@ def test_expert_replicas_killed_every_few_seconds(faults_app, demo_model):
     import signal
 
     address, handle = faults_app
-    tok = Tokenizer(demo_model)
     prompts = [f"expert kill {i}: the river runs" for i in range(16)]
-    with Engine.from_pretrained(demo_model) as engine:
-        want = [engine.generate([tok.encode(p)], max_tokens=60, ignore_eos=True)[0] for p in prompts]
+    want = reference_tokens(demo_model, prompts, 60)
     got: dict[int, list[int]] = {}
     errors: list[str] = []
 

@@ -10,24 +10,16 @@ import grpc
 import pytest
 
 from emoe.client import InferenceClient
-from tests.e2e.conftest import free_port
 
 APP = "emoe-overload"
 CAPACITY = 8  # max_num_seqs 4 running + max_queue 4 waiting, one router
 
 
 @pytest.fixture(scope="module")
-def small_app(ray_cluster, demo_model):
-    from ray import serve
-
-    from cluster.app import build_app
-
-    serve.shutdown()
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+def small_app(launch, demo_model):
     cfg = dict(model=str(demo_model), groups=2, grpc_port=0, max_num_seqs=4, max_queue=4, kv_blocks=256)
-    handle = serve.run(build_app(cfg), name=APP, route_prefix="/overload")
-    yield f"127.0.0.1:{handle.addresses.remote().result()['grpc_port']}", handle
-    serve.delete(APP)
+    app = launch(APP, "/overload", cfg)
+    return app.grpc, app.handle
 
 
 def test_burst_of_ten_times_capacity(small_app):

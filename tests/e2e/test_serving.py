@@ -11,26 +11,23 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from emoe.client import InferenceClient
-from emoe.tokenizer import Tokenizer
 from emoe.v1 import inference_pb2 as pb
 from emoe.v1 import inference_pb2_grpc as pb_grpc
-from router import Engine
+from tests.e2e.conftest import reference_tokens
+from tests.require import require_module
+from tests.waiting import wait_until
 
 PROMPTS = ["Once upon a time", "The router holds the dense part", "Hello world!", "café 東京"]
 
 
 @pytest.fixture(scope="module")
-def reference(demo_model):
-    tok = Tokenizer(demo_model)
-    with Engine.from_pretrained(demo_model) as engine:
-        ids = [tok.encode(p) for p in PROMPTS]
-        return tok, engine.generate(ids, max_tokens=24)
+def reference(demo_model) -> list[list[int]]:
+    return reference_tokens(demo_model, PROMPTS, 24, ignore_eos=False)
 
 
 def test_streamed_greedy_equals_in_process_engine(app, reference):
-    tok, want = reference
-    with InferenceClient(app["grpc"]) as client:
-        for prompt, expected in zip(PROMPTS, want, strict=True):
+    with InferenceClient(app.grpc) as client:
+        for prompt, expected in zip(PROMPTS, reference, strict=True):
             parts = list(client.generate(prompt, max_tokens=24))
             tokens = [t for p in parts for t in p.token_ids]
             assert tokens == expected
@@ -44,20 +41,15 @@ def test_streamed_greedy_equals_in_process_engine(app, reference):
             assert whole.usage.completion_tokens == len(tokens)
 
 
-def test_sixteen_concurrent_streams_and_late_joiners(app, reference, demo_model):
-    tok = reference[0]
+def test_sixteen_concurrent_streams_and_late_joiners(app, demo_model):
     prompts = [f"stream {i} " + "word " * (i % 5) for i in range(16)]
     lengths = [8 + 3 * i for i in range(16)]
-    with Engine.from_pretrained(demo_model) as engine:
-        want = [
-            engine.generate([tok.encode(p)], max_tokens=n, ignore_eos=True)[0]
-            for p, n in zip(prompts, lengths, strict=True)
-        ]
+    want = reference_tokens(demo_model, prompts, lengths)
     results: dict[int, list[int]] = {}
     spans: dict[int, tuple[float, float]] = {}
 
     def run(i: int) -> None:
-        with InferenceClient(app["grpc"]) as client:
+        with InferenceClient(app.grpc) as client:
             t0 = time.monotonic()
             first = None
             toks = []
@@ -80,16 +72,16 @@ def test_sixteen_concurrent_streams_and_late_joiners(app, reference, demo_model)
 
 
 def test_cancelled_stream_frees_its_kv_blocks(app):
-    handle = app["handle"]
-    with InferenceClient(app["grpc"]) as client:
+    def kv_blocks_used() -> int:
+        return app.handle.router_stats.remote().result()["kv_blocks_used"]
+
+    with InferenceClient(app.grpc) as client:
         stream = client.generate("Once upon a time", max_tokens=1000, ignore_eos=True)
         next(stream)
-        assert handle.router_stats.remote().result()["kv_blocks_used"] > 0
+        assert kv_blocks_used() > 0
         stream.cancel() if hasattr(stream, "cancel") else stream.close()
-    deadline = time.monotonic() + 20
-    while handle.router_stats.remote().result()["kv_blocks_used"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert handle.router_stats.remote().result()["kv_blocks_used"] == 0
+    wait_until(kv_blocks_used, 20, "the cancelled stream's KV blocks to be freed", until=lambda n: n == 0)
+    assert kv_blocks_used() == 0
 
 
 BAD = [
@@ -127,8 +119,12 @@ def test_oversized_message_is_refused(channel):
 
 
 def test_openai_client_completes_and_streams_chat(app):
-    openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=app["http"] + "/v1", api_key="unused")
+    openai = require_module(
+        "openai",
+        "the official OpenAI client talks to the HTTP API",
+        "the test extra: `pip install -e .[test]`",
+    )
+    client = openai.OpenAI(base_url=app.http + "/v1", api_key="unused")
     [model] = client.models.list().data
     done = client.completions.create(model=model.id, prompt="Once upon a time", max_tokens=8, temperature=0)
     assert done.choices[0].finish_reason in ("stop", "length") and done.usage.completion_tokens >= 1

@@ -15,10 +15,8 @@
 from __future__ import annotations
 
 import copy
-import shutil
 import socket
 import subprocess
-import time
 import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
@@ -28,6 +26,9 @@ import jsonschema
 import pytest
 import yaml
 from pydantic import BaseModel
+
+from tests.require import require, require_module
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ("cpu-dev", "gpu")
@@ -43,10 +44,13 @@ HEAD_RESOURCE = "node:__internal_head__"
 
 
 def kustomize(overlay: str) -> list[dict]:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed: `kubectl kustomize` builds the overlays")
+    kubectl = require(
+        "kubectl",
+        "`kubectl kustomize` builds the overlays",
+        "kubectl with its built-in kustomize, https://kubernetes.io/docs/tasks/tools/ (the CI image has it)",
+    )
     out = subprocess.run(
-        ["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+        [kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -78,8 +82,10 @@ def set_serve_config(rs: dict, cfg: dict) -> None:
 
 
 def builtin_errors(doc: dict) -> list[str]:
-    kubernetes_validate = pytest.importorskip(
-        "kubernetes_validate", reason="kubernetes-validate (test extra) is not installed"
+    kubernetes_validate = require_module(
+        "kubernetes_validate",
+        "it validates the built-in kinds strictly",
+        "the test extra: `pip install -e .[test]` (scripts/setup.sh does this)",
     )
     name = f"{doc['kind']}/{doc['metadata'].get('name')}"
     try:
@@ -124,8 +130,11 @@ def to_json_schema(s: dict) -> dict:
 
 def crd_validator(kind: str) -> jsonschema.Draft202012Validator:
     path = CRD_DIR / CRD_FILES[kind]
-    if not path.is_file():
-        pytest.skip(f"KubeRay CRD {path} is absent (see ../shared/kuberay/README.md)")
+    require(
+        path,
+        f"KubeRay's {kind} CRD is the schema the manifests are validated against",
+        "KubeRay's CRDs under ../shared/kuberay/crds/ (see ../shared/kuberay/README.md)",
+    )
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 36k lines
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = to_json_schema(version["schema"]["openAPIV3Schema"])
@@ -650,12 +659,13 @@ def test_gpu_serve_config_deploys_and_answers_grpc_generate(built, ray_cluster, 
 def wait_running(app_name: str, timeout_s: float) -> None:
     from ray import serve
 
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def state() -> tuple[str, str]:
         status = serve.status().applications.get(app_name)
-        state = status.status if status else "NOT_STARTED"
-        if state == "RUNNING":
-            return
-        if state == "DEPLOY_FAILED" or time.monotonic() > deadline:
-            pytest.fail(f"application {app_name}: {state}: {status.message if status else ''}")
-        time.sleep(0.5)
+        state, message = (status.status, status.message) if status else ("NOT_STARTED", "")
+        if state == "DEPLOY_FAILED":
+            pytest.fail(f"application {app_name}: {state}: {message}")
+        return state, message
+
+    wait_until(
+        state, timeout_s, f"application {app_name} RUNNING", until=lambda s: s[0] == "RUNNING", interval_s=0.5
+    )

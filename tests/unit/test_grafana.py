@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cluster.ops import OpsState
+from tests.require import require
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "grafana" / "emoe-dashboard.json"
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
@@ -51,11 +49,11 @@ def _families():
 
 
 def test_every_expression_passes_promtool(tmp_path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool missing: .ci/run installs Debian's prometheus package")
-        pytest.skip("promtool not installed (Debian package prometheus; .ci/run installs it)")
+    promtool = require(
+        "promtool",
+        "it checks every PromQL expression of the Grafana dashboard",
+        "Debian package prometheus (`apt-get install prometheus`; .ci/run does this)",
+    )
     rules = []
     for i, e in enumerate(expressions(json.loads(DASHBOARD.read_text()))):
         for var, value in GRAFANA_VARS.items():

@@ -12,6 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root, so `tests.hf_fixtures` imports
 
+from safetensors import safe_open  # noqa: E402
+
 from tests.hf_fixtures import (  # noqa: E402
     FAMILIES,
     build_hf_model,
@@ -20,8 +22,6 @@ from tests.hf_fixtures import (  # noqa: E402
     make_fp8_minimax_checkpoint,
     make_hf_checkpoint,
 )
-
-safe_open = pytest.importorskip("safetensors").safe_open
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5]])
 

@@ -108,7 +108,7 @@ def wait_for(predicate, timeout_s: float = 5.0) -> bool:
 
 def self_signed_cert() -> tuple[bytes, bytes]:
     """(cert, key) PEM for 127.0.0.1 / localhost."""
-    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
