@@ -122,21 +122,28 @@ def _mixtral(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
     )
 
 
-def _qwen2_moe(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
-    _no_sliding(cfg)
-    num_experts = _req(cfg, "num_experts")
-    return ModelSpec(
-        **common,
-        qkv_bias=bool(cfg.get("qkv_bias", True)),
+def _qwen_moe(cfg: dict[str, Any], num_experts: int) -> dict[str, Any]:
+    """The MoE fields Qwen2-MoE and Qwen3-MoE share: softmax top-k, dense layers by step / list."""
+    return dict(
         num_experts=num_experts,
         top_k=_req(cfg, "num_experts_per_tok"),
         moe_intermediate_size=_req(cfg, "moe_intermediate_size"),
         intermediate_size=cfg.get("intermediate_size", 0),
         routing=ROUTING_SOFTMAX,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=_qwen_moe_layers(cfg, num_experts),
+    )
+
+
+def _qwen2_moe(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
+    _no_sliding(cfg)
+    num_experts = _req(cfg, "num_experts")
+    return ModelSpec(
+        **common,
+        qkv_bias=bool(cfg.get("qkv_bias", True)),
+        **_qwen_moe(cfg, num_experts),
         shared_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
         shared_gated=True,
-        moe_layers=_qwen_moe_layers(cfg, num_experts),
     )
 
 
@@ -151,13 +158,7 @@ def _qwen3_moe(cfg: dict[str, Any], common: dict[str, Any]) -> ModelSpec:
         qkv_bias=bias,
         o_bias=bias,
         qk_norm="head",
-        num_experts=num_experts,
-        top_k=_req(cfg, "num_experts_per_tok"),
-        moe_intermediate_size=_req(cfg, "moe_intermediate_size"),
-        intermediate_size=cfg.get("intermediate_size", 0),
-        routing=ROUTING_SOFTMAX,
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-        moe_layers=_qwen_moe_layers(cfg, num_experts),
+        **_qwen_moe(cfg, num_experts),
     )
 
 
