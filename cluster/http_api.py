@@ -1,6 +1,7 @@
 """The Frontend's OpenAI-compatible HTTP API: a FastAPI app over an injected `InferenceBackend`.
 
-Endpoints: `GET /health` (always open), `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
+Endpoints: `GET /health` (always open), `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`,
+and the tokenizer endpoints of `cluster/http_tokenizer.py`.
 
 Contract:
 - Errors have OpenAI's shape `{"error": {"message", "type", "param", "code": null}}`. Statuses come from
@@ -46,6 +47,7 @@ from cluster.http_stream import (
     sse_events,
     unless_disconnected,
 )
+from cluster.http_tokenizer import add_tokenizer_routes
 from cluster.openai_schema import (
     ChatBody,
     CompletionBody,
@@ -89,8 +91,10 @@ def build_http_app(
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
+    add_tokenizer_routes(app, tokenizer, backend.info, model_name)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(InvalidRequest, _on_error)  # raised by routes: answered, not re-raised
     app.add_exception_handler(Exception, _on_error)
     if api_token:
         app.add_middleware(_BearerAuth, token=api_token)
