@@ -108,6 +108,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await abort(context, e, request.request_id)
         return pb.CancelResponse()
 
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        try:
+            ids = await asyncio.to_thread(self.tokenizer.encode, request.text)
+            return pb.TokenizeResponse(token_ids=ids, max_context=self.backend.info().max_context)
+        except Exception as e:
+            await abort(context, e)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
+        try:
+            vocab = self.backend.info().vocab_size
+            bad = [t for t in request.token_ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest("token_ids", f"ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            return pb.DetokenizeResponse(text=self.tokenizer.decode(list(request.token_ids)))
+        except Exception as e:
+            await abort(context, e)
+
     async def _admit(self, request: pb.GenerateRequest, context) -> GenerateRequest:
         """The validated request, or the call aborted (INVALID_ARGUMENT naming the field)."""
         try:

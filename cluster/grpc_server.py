@@ -53,6 +53,8 @@ _METHODS = {  # name -> (request type, response type, server streaming)
     "Complete": (pb.GenerateRequest, pb.GenerateResponse, False),
     "GetModelInfo": (pb.GetModelInfoRequest, pb.ModelInfo, False),
     "Cancel": (pb.CancelRequest, pb.CancelResponse, False),
+    "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse, False),
+    "Detokenize": (pb.DetokenizeRequest, pb.DetokenizeResponse, False),
 }
 
 

@@ -84,6 +84,16 @@ class InferenceClient:
         request = _request(prompt, prompt_token_ids, request_id, sampling)
         return self._stub.Complete(request, timeout=self.timeout_s, metadata=self._metadata)
 
+    def tokenize(self, text: str) -> list[int]:
+        reply = self._stub.Tokenize(
+            pb.TokenizeRequest(text=text), timeout=self.timeout_s, metadata=self._metadata
+        )
+        return list(reply.token_ids)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        request = pb.DetokenizeRequest(token_ids=list(token_ids))
+        return self._stub.Detokenize(request, timeout=self.timeout_s, metadata=self._metadata).text
+
     def model_info(self) -> pb.ModelInfo:
         return self._stub.GetModelInfo(
             pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self._metadata

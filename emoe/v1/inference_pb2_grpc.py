@@ -55,6 +55,16 @@ class InferenceStub:
                 request_serializer=emoe_dot_v1_dot_inference__pb2.CancelRequest.SerializeToString,
                 response_deserializer=emoe_dot_v1_dot_inference__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/emoe.v1.Inference/Tokenize',
+                request_serializer=emoe_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=emoe_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/emoe.v1.Inference/Detokenize',
+                request_serializer=emoe_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=emoe_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -91,6 +101,19 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The model's tokenizer, as the server applies it to text prompts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +136,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=emoe_dot_v1_dot_inference__pb2.CancelRequest.FromString,
                     response_serializer=emoe_dot_v1_dot_inference__pb2.CancelResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=emoe_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=emoe_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=emoe_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=emoe_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +257,60 @@ class Inference:
             '/emoe.v1.Inference/Cancel',
             emoe_dot_v1_dot_inference__pb2.CancelRequest.SerializeToString,
             emoe_dot_v1_dot_inference__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/emoe.v1.Inference/Tokenize',
+            emoe_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            emoe_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/emoe.v1.Inference/Detokenize',
+            emoe_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            emoe_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
