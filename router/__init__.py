@@ -1,7 +1,6 @@
-"""The router half: attention, norms, gating, shared experts, LM head, KV cache, dispatchers, engine.
-
-Nothing here imports Ray or gRPC except the thin deployment/server shells.
-"""
+"""The router half: engine/ (engines, scheduler, sampling), model/ (the dense math and KV cache), dispatch/
+(how an MoE layer's tokens reach the expert groups). It never imports Ray or the cluster layer; only
+dispatch/ speaks gRPC and torch.distributed."""
 
 from router.engine import Engine
 
