@@ -15,6 +15,7 @@ import time
 from collections import deque
 from typing import Any
 
+from cluster.ops_vllm import vllm_families
 from emoe.metrics import Family, Histogram, render
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class OpsState:
         by["emoe_replacements_total"].add(len(snap.get("replacements", [])))
         for reason, n in snap["rejected"].items():
             by["emoe_rejected_requests_total"].add(n, reason=reason)
-        return fam
+        return fam + vllm_families(r)
 
     def prometheus_text(self) -> str:
         return render(self.families())
@@ -223,7 +224,7 @@ class OpsState:
         except ImportError:  # pragma: no cover - Ray is always there in the Frontend
             return
         for fam in self.families():
-            if fam.kind == "histogram":
+            if fam.kind == "histogram" or fam.name.startswith("vllm:"):  # aliases stay on /metrics
                 continue
             keys = tuple(sorted({k for s in fam.samples for k, _ in s.labels}))
             gauge = self._ray_metrics.get(fam.name)

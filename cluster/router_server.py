@@ -75,5 +75,6 @@ class RouterServer:
         out = self.engine.stats()
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out["pid"] = os.getpid()
+        out["model"] = self.info_.name
         out.update(self.dispatcher.stats())  # tokens sent to each group, failovers, placement in use
         return out

@@ -81,6 +81,8 @@ class AsyncEngine:
         self.steps = 0
         self.tokens_generated = 0
         self.requests_finished = 0
+        self.finished_by_reason: dict[str, int] = {}  # "stop" / "length"
+        self.prompt_tokens = 0  # admitted prompts' tokens
         self.ttft, self.tpot, self.e2e = Histogram(), Histogram(), Histogram()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -120,6 +122,8 @@ class AsyncEngine:
             "tokens_generated": self.tokens_generated,
             "preemptions": self.scheduler.num_preemptions,
             "requests_finished": self.requests_finished,
+            "finished_by_reason": dict(self.finished_by_reason),
+            "prompt_tokens": self.prompt_tokens,
             "ttft_s": self.ttft.to_dict(),
             "tpot_s": self.tpot.to_dict(),
             "e2e_s": self.e2e.to_dict(),
@@ -152,6 +156,7 @@ class AsyncEngine:
         seq = Sequence(request.request_id, list(request.prompt_token_ids), max_tokens, state=state)
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
+        self.prompt_tokens += len(seq.prompt)
         self._ensure_running()
         self._wake.set()
         return seq
@@ -268,6 +273,7 @@ class AsyncEngine:
             state.done = True
             self._release(seq)
             self.requests_finished += 1
+            self.finished_by_reason[finish] = self.finished_by_reason.get(finish, 0) + 1
             self.e2e.observe(now - state.arrived_at)
         state.queue.put_nowait(self._chunk(seq, [tok], text, finish))
 
