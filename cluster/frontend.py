@@ -127,6 +127,7 @@ class Frontend:
             self.tokenizer,
             model_name=self.cfg.served_name,
             api_token=_secret(self.cfg.api_token),
+            on_ignored=self.ops.count_ignored,
         )
         add_ops_routes(app, self.ops, self.registry, _secret(self.cfg.admin_token))
         return app

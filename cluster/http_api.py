@@ -29,6 +29,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,14 +79,16 @@ def build_http_app(
     api_token: str | None = None,
     default_max_tokens: int = 16,
     default_temperature: float = 1.0,
+    on_ignored: Callable[[list[str]], None] | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app (see the module docstring). `tokenizer` needs `encode` and
-    `apply_chat_template`. `default_max_tokens` applies when a request gives none, lowered to fit the
-    model's `max_tokens_limit` and the context left after the prompt; `default_temperature` (OpenAI's 1.0)
-    when it gives no temperature. `api_token=""` is refused (it would look set but guard nothing)."""
+        `apply_chat_template`. `default_max_tokens` applies when a request gives none, lowered to fit the
+        model's `max_tokens_limit` and the context left after the prompt; `default_temperature` (OpenAI's 1.0)
+        when it gives no temperature. `on_ignored(fields)` is told the unknown fields of each request (ignored,
+    as vLLM does). `api_token=""` is refused (it would look set but guard nothing)."""
     if api_token is not None and not api_token:
         raise ValueError("api_token must be a non-empty string or None")
-    api = _Api(backend, tokenizer, model_name, default_max_tokens, default_temperature)
+    api = _Api(backend, tokenizer, model_name, default_max_tokens, default_temperature, on_ignored)
     app = FastAPI(title="elastic-moe", max_body_size=MAX_BODY_BYTES)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
@@ -112,6 +115,7 @@ class _Api:
     model_name: str
     default_max_tokens: int
     default_temperature: float
+    on_ignored: Callable[[list[str]], None] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def models(self) -> Response:
@@ -179,6 +183,9 @@ class _Api:
         bad = body.unsupported()
         if bad:
             raise InvalidRequest(bad, "not supported by this server; leave it at its default")
+        ignored = body.ignored_fields()
+        if ignored and self.on_ignored is not None:
+            self.on_ignored(ignored)
         info = self.backend.info()
         if isinstance(body, ChatBody):
             ids, text = self._chat_prompt(body, info)

@@ -20,9 +20,10 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 class RequestBody(BaseModel):
-    """Fields both endpoints share. Unknown fields are ignored; NaN / Infinity are rejected."""
+    """Fields both endpoints share. Unknown fields are ignored (and counted: `ignored_fields`), as vLLM
+    does; NaN / Infinity are rejected."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str | None = None
     max_tokens: StrictInt | None = None
     temperature: float | None = None
@@ -53,6 +54,10 @@ class RequestBody(BaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def ignored_fields(self) -> list[str]:
+        """Fields this server does not know (sent by clients and benchmark tools); they change nothing."""
+        return sorted(self.model_extra or {})
 
 
 class CompletionBody(RequestBody):

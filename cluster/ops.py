@@ -21,6 +21,7 @@ from emoe.metrics import Family, Histogram, render
 log = logging.getLogger(__name__)
 
 HISTORY = 600  # samples kept (10 min at 1 s)
+MAX_FIELD_LABELS = 32  # distinct unknown-field names counted by name
 
 
 def serve_replicas(app_name: str) -> dict[str, dict[str, int]]:
@@ -49,6 +50,7 @@ class OpsState:
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.rejected: dict[str, int] = {}
+        self.ignored: dict[str, int] = {}  # unknown request field -> requests that sent it
         self._task: asyncio.Task | None = None
         self._ray_metrics: dict[str, Any] = {}
 
@@ -58,6 +60,13 @@ class OpsState:
 
     def count_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def count_ignored(self, fields: list[str]) -> None:
+        """Unknown request fields, by name; past MAX_FIELD_LABELS distinct names they count as "other"
+        (a client cannot grow the label set without bound)."""
+        for f in fields:
+            key = f[:64] if f[:64] in self.ignored or len(self.ignored) < MAX_FIELD_LABELS else "other"
+            self.ignored[key] = self.ignored.get(key, 0) + 1
 
     async def _run(self) -> None:
         while True:
@@ -176,6 +185,7 @@ class OpsState:
             ),
             Family("emoe_replacements_total", "counter", "Hot-expert re-placements started"),
             Family("emoe_rejected_requests_total", "counter", "Requests refused, by reason"),
+            Family("emoe_ignored_request_fields_total", "counter", "Unknown request fields ignored, by name"),
         ]
         by = {f.name: f for f in fam}
         for g, n in (r.get("tokens_per_group") or {}).items():
@@ -211,6 +221,8 @@ class OpsState:
         by["emoe_replacements_total"].add(len(snap.get("replacements", [])))
         for reason, n in snap["rejected"].items():
             by["emoe_rejected_requests_total"].add(n, reason=reason)
+        for name, n in sorted(self.ignored.items()):
+            by["emoe_ignored_request_fields_total"].add(n, field=name)
         return fam + vllm_families(r)
 
     def prometheus_text(self) -> str:
