@@ -8,6 +8,14 @@ from typing import Any
 
 from emoe.metrics import Family, Histogram
 
+SCALARS = (  # (vLLM name, type, help, router stats key)
+    ("vllm:num_requests_running", "gauge", "Requests in the running batch", "running"),
+    ("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled", "waiting"),
+    ("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0-1)", "kv_usage"),
+    ("vllm:prompt_tokens_total", "counter", "Prompt tokens admitted", "prompt_tokens"),
+    ("vllm:generation_tokens_total", "counter", "Tokens generated", "tokens_generated"),
+    ("vllm:num_preemptions_total", "counter", "Preemptions of running requests", "preemptions"),
+)
 HISTOGRAMS = (  # (router stats key, vLLM name, help)
     ("ttft_s", "vllm:time_to_first_token_seconds", "Time to first token"),
     ("tpot_s", "vllm:inter_token_latency_seconds", "Time between successive output tokens"),
@@ -18,26 +26,7 @@ HISTOGRAMS = (  # (router stats key, vLLM name, help)
 def vllm_families(router: dict[str, Any]) -> list[Family]:
     """Families from one router's `stats()` (the Frontend's snapshot of its router deployment)."""
     model = {"model_name": router.get("model", "")}
-    fams = [
-        Family("vllm:num_requests_running", "gauge", "Requests in the running batch").add(
-            router.get("running", 0), **model
-        ),
-        Family("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled").add(
-            router.get("waiting", 0), **model
-        ),
-        Family("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0-1)").add(
-            router.get("kv_usage", 0.0), **model
-        ),
-        Family("vllm:prompt_tokens_total", "counter", "Prompt tokens admitted").add(
-            router.get("prompt_tokens", 0), **model
-        ),
-        Family("vllm:generation_tokens_total", "counter", "Tokens generated").add(
-            router.get("tokens_generated", 0), **model
-        ),
-        Family("vllm:num_preemptions_total", "counter", "Preemptions of running requests").add(
-            router.get("preemptions", 0), **model
-        ),
-    ]
+    fams = [Family(name, kind, text).add(router.get(key, 0), **model) for name, kind, text, key in SCALARS]
     success = Family("vllm:request_success_total", "counter", "Finished requests, by finish reason")
     for reason, n in sorted((router.get("finished_by_reason") or {}).items()):
         success.add(n, finished_reason=reason, **model)
