@@ -29,8 +29,43 @@ class UnknownRequest(KeyError):
     """No request with this id is running (cancel of a finished or unknown request)."""
 
 
+MAX_LOGPROBS = 20  # top-N logprobs per position, as OpenAI and vLLM allow
+MAX_LOGIT_BIAS = 1024  # entries in a logit_bias map
+MAX_GRAMMAR_CHARS = 64 * 1024  # a JSON schema, regex, grammar or the choices, in characters
+GRAMMAR_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A structured-output constraint: `kind` is "json" (a JSON schema, as JSON text), "json_object" (any
+    JSON object), "regex", "choice" (`choices`: exactly one of these strings) or "grammar" (EBNF, GBNF
+    style). `field` names the request field it came from, for errors."""
+
+    kind: str
+    value: str = ""
+    choices: tuple[str, ...] = ()
+    field: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise InvalidRequest(self.field, f"unknown kind {self.kind!r}; one of {', '.join(GRAMMAR_KINDS)}")
+        if not isinstance(self.value, str) or any(not isinstance(c, str) for c in self.choices):
+            raise InvalidRequest(self.field, "must be text")
+        if self.kind in ("json", "regex", "grammar") and not self.value:
+            raise InvalidRequest(self.field, f"{self.kind}: empty")
+        if self.kind == "choice" and (not self.choices or not all(self.choices)):
+            raise InvalidRequest(self.field, "choice: give a non-empty list of non-empty strings")
+        size = len(self.value) + sum(len(c) for c in self.choices)
+        if size > MAX_GRAMMAR_CHARS:
+            raise InvalidRequest(self.field, f"{self.kind}: {size} characters, more than {MAX_GRAMMAR_CHARS}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """What one sequence samples. Logit processing runs in vLLM's order: logit_bias and min_tokens, the
+    grammar's token mask, the penalties, then temperature, top_k, top_p and min_p. Logprobs are those of the
+    raw distribution (the model's log-softmax before any of that), vLLM's default."""
+
     max_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -39,6 +74,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens below min_p * the top token's probability; 0 = off
+    presence_penalty: float = 0.0  # [-2, 2], subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # [-2, 2], subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # > 0; tokens in the prompt or the output: logit / p if > 0 else * p
+    min_tokens: int = 0  # eos and stop tokens are masked until this many tokens were generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    logprobs: int | None = None  # per generated token: its logprob and the top-N; None = off
+    prompt_logprobs: int | None = None  # per prompt token (the first has none); None = off
+    skip_special_tokens: bool = True  # in the returned text
+    structured: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -49,14 +94,51 @@ class SamplingParams:
             raise InvalidRequest(
                 "sampling.temperature", f"must be a finite number >= 0, got {self.temperature!r}"
             )
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _int(self.top_k) or self.top_k < 0:
             raise InvalidRequest("sampling.top_k", f"must be an integer >= 0, got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and not _int(self.seed):
             raise InvalidRequest("sampling.seed", f"must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest("sampling.stop", "stop strings must be non-empty strings")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise InvalidRequest("sampling.min_p", f"must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2 <= value <= 2:
+                raise InvalidRequest(f"sampling.{name}", f"must be in [-2, 2], got {value!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequest(
+                "sampling.repetition_penalty", f"must be a number > 0, got {self.repetition_penalty!r}"
+            )
+        if not _int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(
+                "sampling.min_tokens", f"must be an integer in [0, max_tokens], got {self.min_tokens!r}"
+            )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequest(
+                "sampling.logit_bias", f"{len(self.logit_bias)} entries, more than {MAX_LOGIT_BIAS}"
+            )
+        for tok, bias in self.logit_bias:
+            if not _int(tok) or not _finite(bias) or not -100 <= bias <= 100:
+                raise InvalidRequest(
+                    "sampling.logit_bias", f"needs token id -> bias in [-100, 100], got {tok!r}: {bias!r}"
+                )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise InvalidRequest(
+                    f"sampling.{name}", f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}"
+                )
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x: Any) -> bool:
@@ -98,6 +180,23 @@ class GenerateChunk:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # one per entry of token_ids when the request asked for `sampling.logprobs`
+    logprobs: list[TokenLogprob] | None = None
+    # on the first chunk when the request asked for `sampling.prompt_logprobs`: one per prompt token, the
+    # first None (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    index: int = 0  # which of a request's `n` choices (set by `fan_out`)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the raw distribution, its rank there (1 = the most likely), and the
+    `top` N (token id, logprob) pairs, most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,6 +265,9 @@ def validate_budget(info: ModelInfo, prompt_len: int, sampling: SamplingParams) 
     bad = [t for t in sampling.stop_token_ids if not 0 <= t < info.vocab_size]
     if bad:
         raise InvalidRequest("sampling.stop_token_ids", f"ids outside the vocabulary: {bad[:5]}")
+    bad = [t for t, _ in sampling.logit_bias if not 0 <= t < info.vocab_size]
+    if bad:
+        raise InvalidRequest("sampling.logit_bias", f"token ids outside the vocabulary: {bad[:5]}")
     if prompt_len + sampling.max_tokens > info.max_context:
         raise InvalidRequest(
             "sampling.max_tokens",
