@@ -35,8 +35,26 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included, for logprobs (vLLM's token strings). A token that
+        is part of a multi-byte character reads as its bytes, `bytes:\\xe2\\x80`, as vLLM writes them."""
+        text = self._tok.decode([int(token_id)], skip_special_tokens=False)
+        if REPLACEMENT not in text:
+            return text
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in self.token_bytes(token_id))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's bytes (byte-level BPE maps each byte to a printable character; undone here)."""
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        table = _byte_decoder()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return self._tok.decode([int(token_id)], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Renders `messages` with the tokenizer's chat template (a plain role: content format without one)."""
@@ -53,8 +71,29 @@ class Tokenizer:
             eos_token=self.eos_token or "",
         )
 
-    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self, prompt_ids)
+    def detokenizer(
+        self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
+    ) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, printable character -> byte."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+        chars, extra = {}, 0
+        for b in range(256):
+            if b in printable:
+                chars[chr(b)] = b
+            else:
+                chars[chr(256 + extra)] = b
+                extra += 1
+        _BYTE_DECODER = chars
+    return _BYTE_DECODER
+
+
+_BYTE_DECODER: dict[str, int] | None = None
 
 
 def _token_text(tok) -> str | None:
@@ -72,8 +111,11 @@ class IncrementalDetokenizer:
 
     CONTEXT = 5
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
+    ):
         self.tok = tokenizer
+        self.skip = skip_special_tokens
         self.ids: list[int] = list(prompt_ids[-self.CONTEXT :])
         self.prefix = 0  # start of the context window
         self.read = len(self.ids)  # ids before this are already emitted as text
@@ -82,8 +124,8 @@ class IncrementalDetokenizer:
     def add(self, new_ids: Sequence[int]) -> str:
         """Appends `new_ids`; returns the newly completed text (possibly empty)."""
         self.ids.extend(new_ids)
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        after = self.tok.decode(self.ids[self.prefix :])
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        after = self.tok.decode(self.ids[self.prefix :], self.skip)
         if len(after) > len(before) and not after.endswith(REPLACEMENT):
             delta = after[len(before) :]
             self.prefix, self.read = max(0, len(self.ids) - self.CONTEXT), len(self.ids)
@@ -93,8 +135,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of a stream: whatever is left, replacement characters included."""
-        rest = self.tok.decode(self.ids[self.prefix :])[
-            len(self.tok.decode(self.ids[self.prefix : self.read])) :
+        rest = self.tok.decode(self.ids[self.prefix :], self.skip)[
+            len(self.tok.decode(self.ids[self.prefix : self.read], self.skip)) :
         ]
         self.read = len(self.ids)
         self.text += rest
