@@ -158,20 +158,31 @@ def test_expert_replicas_killed_every_few_seconds(faults_app, demo_model):
     kills = 0
     while any(t.is_alive() for t in threads) and kills < 4:
         time.sleep(2.0)
-        if kills % 2 == 0:
-            ray.kill(replica_actor(f"ExpertGroup-{kills % 2}"), no_restart=True)
+        group = kills % 2
+        # a replica dies while its group has another serving: the replacement of the previous kill is
+        # registered first (killing a group's last replica is a group outage, bounded by
+        # replacement_wait_s, not what this test is about)
+        pids = wait_until(
+            lambda g=group: live_pids(handle, g),
+            120,
+            f"expert group {group} back at 2 replicas",
+            until=lambda p: len(p) >= 2,
+        )
+        if group == 0:
+            ray.kill(replica_actor("ExpertGroup-0"), no_restart=True)
         else:  # SIGKILL of a replica's worker process (pids as the replicas registered them)
-            pids = [
-                r["pid"]
-                for r in handle.ops_state.remote().result()["snapshot"]["replicas"]
-                if r["group"] == 1
-            ]
-            os.kill(next(p for p in pids if _alive(p)), signal.SIGKILL)
+            os.kill(pids[0], signal.SIGKILL)
         kills += 1
     for t in threads:
         t.join(timeout=300)
     assert kills >= 2 and errors == []
     assert [got[i] for i in range(16)] == want
+
+
+def live_pids(handle, group: int) -> list[int]:
+    """Worker pids of the replicas of `group` registered with the registry and still running."""
+    replicas = handle.ops_state.remote().result()["snapshot"]["replicas"]
+    return [r["pid"] for r in replicas if r["group"] == group and _alive(r["pid"])]
 
 
 def _alive(pid: int) -> bool:
