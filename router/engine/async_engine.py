@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from emoe.api import GenerateChunk, GenerateRequest, Overloaded, UnknownRequest
+from emoe.api import GenerateChunk, GenerateRequest, Overloaded, TokenLogprob, UnknownRequest
 from emoe.metrics import Histogram
 from emoe.spec import ModelSpec
 from emoe.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.dispatch import Dispatcher
-from router.engine.sampling import Sampler, stop_token_set
+from router.engine.sampling import SequenceSampling, sample, stop_token_set
 from router.engine.scheduler import BlockManager, Scheduler, Sequence, Status
 from router.model import KVPool, PagedDecode, PagedSequenceCache, RouterModel, Segment, Segments
 
@@ -50,7 +50,7 @@ class EngineConfig:
 @dataclass
 class RequestState:
     request: GenerateRequest
-    sampler: Sampler
+    sampling: SequenceSampling
     queue: asyncio.Queue
     detok: IncrementalDetokenizer | None
     stops: frozenset[int]
@@ -151,9 +151,14 @@ class AsyncEngine:
                 f"prompt of {len(request.prompt_token_ids)} tokens leaves no room in the context"
             )
         stops = stop_token_set(p, self.spec.eos_token_ids)
-        detok = self.tokenizer.detokenizer(request.prompt_token_ids) if self.tokenizer else None
-        state = RequestState(request, Sampler(p, request.resume_offset), asyncio.Queue(), detok, stops)
-        seq = Sequence(request.request_id, list(request.prompt_token_ids), max_tokens, state=state)
+        detok = (
+            self.tokenizer.detokenizer(request.prompt_token_ids, p.skip_special_tokens)
+            if self.tokenizer
+            else None
+        )
+        seq = Sequence(request.request_id, list(request.prompt_token_ids), max_tokens)
+        sampling = SequenceSampling(p, stops, seq.prompt, seq.output, request.resume_offset)
+        seq.state = RequestState(request, sampling, asyncio.Queue(), detok, stops)
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens += len(seq.prompt)
@@ -208,12 +213,14 @@ class AsyncEngine:
             rows = [lg for lg in parts if lg is not None]
             logits = torch.cat(rows) if len(rows) > 1 else (rows[0] if rows else None)  # [B, V]
         self.steps += 1
-        row = 0
+        sampled = [c.seq for c in chunks if c.samples]
+        if sampled:  # one batched call for the step's sampling rows
+            toks, lps = sample(logits, [s.state.sampling for s in sampled])
+            picks = dict(zip(map(id, sampled), zip(toks, lps, strict=True), strict=True))
         for c in chunks:
             c.seq.num_computed = c.start + c.n
             if c.samples:
-                self._on_token(c.seq, logits[row])
-                row += 1
+                self._on_token(c.seq, *picks[id(c.seq)])
             elif c.seq.state.done:
                 self._release(c.seq)
         if self.on_step is not None:
@@ -245,12 +252,11 @@ class AsyncEngine:
         last = [s.start + s.n - 1 for s, c in zip(segments, chunks, strict=True) if c.samples]
         return self.model.logits(h[last]) if last else None
 
-    def _on_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _on_token(self, seq: Sequence, tok: int, logprob: TokenLogprob | None) -> None:
         state: RequestState = seq.state
         if state.done:  # cancelled while its step was in flight
             self._release(seq)
             return
-        tok = state.sampler(logits)
         seq.output.append(tok)
         self.tokens_generated += 1
         now = time.monotonic()
@@ -275,7 +281,10 @@ class AsyncEngine:
             self.requests_finished += 1
             self.finished_by_reason[finish] = self.finished_by_reason.get(finish, 0) + 1
             self.e2e.observe(now - state.arrived_at)
-        state.queue.put_nowait(self._chunk(seq, [tok], text, finish))
+        chunk = self._chunk(seq, [tok], text, finish)
+        if logprob is not None:
+            chunk.logprobs = [logprob]
+        state.queue.put_nowait(chunk)
 
     def _hold_back(self, state: RequestState, text: str, final: bool) -> tuple[str, bool]:
         """Stop strings: returns (text safe to emit now, whether a stop string matched)."""

@@ -18,7 +18,7 @@ import torch
 from emoe.placement import Placement
 from emoe.spec import ModelSpec
 from router.dispatch import DispatchContext, Dispatcher, get_dispatcher
-from router.engine.sampling import Sampler, SamplingParams, stop_token_set
+from router.engine.sampling import SamplingParams, SequenceSampling, sample, stop_token_set
 from router.model import RouterModel, Segment, Segments, SequenceCache, load_router_model, parse_dtype
 
 
@@ -73,8 +73,10 @@ class Engine:
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        **sampling: Any,
     ) -> list[list[int]]:
         """The new tokens of each sequence: greedy when temperature is 0, else sampled (seeded per sequence).
+        `sampling` takes the other `SamplingParams` fields (penalties, min_p, min_tokens, logit_bias).
 
         A sequence stops after `max_tokens`, or at an end-of-sequence token (the model's eos ids, unless
         `ignore_eos`, plus `stop_token_ids`), which is included in its output.
@@ -87,23 +89,24 @@ class Engine:
             seed=seed,
             stop_token_ids=tuple(stop_token_ids),
             ignore_eos=ignore_eos,
+            **sampling,
         )
         seqs = self._check_tokens(token_id_lists)
         stops = stop_token_set(params, self.spec.eos_token_ids)
+        outputs: list[list[int]] = [[] for _ in seqs]
         samplers = [
-            Sampler(SamplingParams(**{**params.__dict__, "seed": None if seed is None else seed + i}))
-            for i in range(len(seqs))
+            SequenceSampling(params, stops, s, outputs[i], seed=None if seed is None else seed + i)
+            for i, s in enumerate(seqs)
         ]
         caches = [SequenceCache(self.spec.num_layers, len(s) + max_tokens) for s in seqs]
-        outputs: list[list[int]] = [[] for _ in seqs]
         active = list(range(len(seqs)))
         step_tokens = seqs
         while active:
             h = self._run(self._forward(step_tokens, [caches[i] for i in active], last_only=True))
             logits = self.model.logits(h)  # [B, V]
             still = []
-            for row, i in enumerate(active):
-                tok = samplers[i](logits[row])
+            toks, _ = sample(logits, [samplers[i] for i in active])
+            for tok, i in zip(toks, active, strict=True):
                 outputs[i].append(tok)
                 if tok not in stops and len(outputs[i]) < max_tokens:
                     still.append(i)

@@ -1,10 +1,9 @@
 import math
 
 import pytest
-import torch
 
 from router import Engine
-from router.engine.sampling import Sampler, SamplingParams
+from router.engine.sampling import SamplingParams
 from tests.conftest import write_tiny
 
 
@@ -35,12 +34,6 @@ def test_generate_with_cache_equals_full_recompute(tiny_ckpt):
         for _ in range(6):
             seq.append(int(engine.logits([seq])[0][-1].argmax()))
     assert out == seq[len(prompt) :]
-
-
-def test_top_p_keeps_the_nucleus():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    seen = {Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=s))(logits) for s in range(200)}
-    assert seen == {0, 1}
 
 
 @pytest.mark.parametrize(
