@@ -156,6 +156,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             stop=tuple(s.stop),
             stop_token_ids=tuple(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
+            presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+            frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
+            repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+            min_p=s.min_p,
+            min_tokens=s.min_tokens,
+            logit_bias=tuple(sorted(s.logit_bias.items())),
+            skip_special_tokens=not s.keep_special_tokens,
         )
         validate_budget(info, len(ids), sampling)
         return GenerateRequest(request_id, tuple(ids), sampling, prompt_text=request.prompt)

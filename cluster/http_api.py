@@ -207,6 +207,13 @@ class _Api:
             stop=stop_strings(body.stop),
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            min_p=body.min_p,
+            min_tokens=body.min_tokens,
+            logit_bias=body.logit_bias_pairs(),
+            skip_special_tokens=body.skip_special_tokens,
         )
         validate_budget(info, len(ids), sampling)
         return GenerateRequest(reply.request_id, tuple(ids), sampling, prompt_text=text)

@@ -36,17 +36,16 @@ class RequestBody(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: StrictInt | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, Any] | None = None  # token id (as a string, OpenAI's form) -> bias
+    repetition_penalty: float = 1.0  # extension (vLLM)
+    min_p: float = 0.0  # extension (vLLM)
+    min_tokens: StrictInt = 0  # extension (vLLM)
+    skip_special_tokens: bool = True  # extension (vLLM)
 
     # OpenAI features this server does not do: field -> the values that ask for nothing (else 400)
-    NEUTRAL: ClassVar[dict[str, tuple]] = {
-        "n": (None, 1),
-        "presence_penalty": (None, 0),
-        "frequency_penalty": (None, 0),
-        "logit_bias": (None, {}),
-    }
+    NEUTRAL: ClassVar[dict[str, tuple]] = {"n": (None, 1)}
 
     def unsupported(self) -> str | None:
         """The first field that asks for an unsupported feature, if any."""
@@ -54,6 +53,19 @@ class RequestBody(BaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs; keys must be token ids, values numbers."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                tok = int(key)
+            except ValueError:
+                raise InvalidRequest("logit_bias", f"keys are token ids, got {key[:40]!r}") from None
+            if isinstance(bias, bool) or not isinstance(bias, int | float):
+                raise InvalidRequest("logit_bias", f"the bias of {tok} is not a number: {bias!r}")
+            pairs.append((tok, float(bias)))
+        return tuple(pairs)
 
     def ignored_fields(self) -> list[str]:
         """Fields this server does not know (sent by clients and benchmark tools); they change nothing."""
