@@ -49,6 +49,7 @@ from cluster.http_stream import (
     unless_disconnected,
 )
 from cluster.http_tokenizer import add_tokenizer_routes
+from cluster.openai_logprobs import LogprobFormat
 from cluster.openai_schema import (
     ChatBody,
     CompletionBody,
@@ -164,9 +165,9 @@ class _Api:
     async def _whole(self, request: Request, reply: Reply, first, chunks) -> Response:
         finished = False
         try:
-            text, last = await unless_disconnected(request, collect(first, chunks))
+            text, last, entries = await unless_disconnected(request, collect(first, chunks))
             finished = True
-            return JSONResponse(reply.whole(text, last))
+            return JSONResponse(reply.whole(text, last, entries))
         except ClientGone:
             return Response(status_code=499)
         except Exception as exc:
@@ -214,8 +215,11 @@ class _Api:
             min_tokens=body.min_tokens,
             logit_bias=body.logit_bias_pairs(),
             skip_special_tokens=body.skip_special_tokens,
+            logprobs=body.requested_logprobs(),
         )
         validate_budget(info, len(ids), sampling)
+        if sampling.logprobs is not None:
+            reply.logprobs = LogprobFormat(self.tokenizer, reply.chat)
         return GenerateRequest(reply.request_id, tuple(ids), sampling, prompt_text=text)
 
     def _chat_prompt(self, body: ChatBody, info) -> tuple[list[int], str]:

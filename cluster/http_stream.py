@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from cluster.openai_schema import Reply
-from emoe.api import GenerateChunk, InferenceBackend
+from emoe.api import GenerateChunk, InferenceBackend, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -23,14 +23,15 @@ T = TypeVar("T")
 
 async def collect(
     first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]
-) -> tuple[str, GenerateChunk]:
-    """(whole text, last chunk) of a stream whose first chunk was already read."""
-    parts, last, chunk = [], first, first
+) -> tuple[str, GenerateChunk, list[TokenLogprob]]:
+    """(whole text, last chunk, logprob entries) of a stream whose first chunk was already read."""
+    parts, last, chunk, entries = [], first, first, []
     while chunk is not None:
         parts.append(chunk.text)
+        entries.extend(chunk.logprobs or ())
         last = chunk
         chunk = await anext(chunks, None)
-    return "".join(parts), last
+    return "".join(parts), last, entries
 
 
 async def sse_events(
@@ -48,8 +49,8 @@ async def sse_events(
             yield sse(reply.chunk("", None, role=True))
         while chunk is not None:
             last = chunk
-            if chunk.text or chunk.finish_reason:
-                yield sse(reply.chunk(chunk.text, chunk.finish_reason))
+            if chunk.text or chunk.finish_reason or chunk.logprobs:
+                yield sse(reply.chunk(chunk.text, chunk.finish_reason, entries=chunk.logprobs))
             chunk = await anext(chunks, None)
         reply.finished = True
         if include_usage:

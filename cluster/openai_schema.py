@@ -8,12 +8,13 @@ field asking for more, which the app turns into a 400.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from emoe.api import GenerateChunk, InvalidRequest, validate_prompt
+from emoe.api import GenerateChunk, InvalidRequest, TokenLogprob, validate_prompt
 
 MAX_STOP_STRINGS = 16
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
@@ -54,6 +55,10 @@ class RequestBody(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """Top-N logprobs per generated token, or None (completions' `logprobs`; chat overrides)."""
+        return getattr(self, "logprobs", None)
+
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """`logit_bias` as (token id, bias) pairs; keys must be token ids, values numbers."""
         pairs = []
@@ -80,7 +85,6 @@ class CompletionBody(RequestBody):
     best_of: StrictInt | None = None
     NEUTRAL = {
         **RequestBody.NEUTRAL,
-        "logprobs": (None,),
         "echo": (None, False),
         "suffix": (None, ""),
         "best_of": (None, 1),
@@ -114,14 +118,19 @@ class ChatBody(RequestBody):
     response_format: dict[str, Any] | None = None
     NEUTRAL = {
         **RequestBody.NEUTRAL,
-        "logprobs": (None, False),
-        "top_logprobs": (None,),
         "tools": (None, []),
         "response_format": (None, {"type": "text"}),
     }
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
+    def requested_logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequest("top_logprobs", "needs logprobs: true")
+            return None
+        return self.top_logprobs or 0
 
 
 def completion_prompt(prompt: Any, info, tokenizer) -> tuple[list[int], str]:
@@ -163,17 +172,22 @@ class Reply:
     model: str
     finished: bool = False  # the backend stream ended; nothing to cancel
     created: int = field(default_factory=lambda: int(time.time()))
+    logprobs: Callable[[list[TokenLogprob]], dict] | None = None  # set when the request asked for them
+
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        return self.logprobs(entries or []) if self.logprobs is not None else None
 
     def _envelope(self, kind: str, choices: list[dict], **extra: Any) -> dict:
         head = {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
         return {**head, "choices": choices, **extra}
 
-    def chunk(self, text: str, finish: str | None, *, role: bool = False) -> dict:
+    def chunk(self, text: str, finish: str | None, *, role: bool = False, entries=None) -> dict:
+        lp = None if role else self._logprobs(entries)
         if not self.chat:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
             return self._envelope("text_completion", [choice])
         delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
         return self._envelope("chat.completion.chunk", [choice])
 
     @staticmethod
@@ -186,10 +200,11 @@ class Reply:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return self._envelope(kind, [], usage=self.usage(last))
 
-    def whole(self, text: str, last: GenerateChunk) -> dict:
+    def whole(self, text: str, last: GenerateChunk, entries: list[TokenLogprob] | None = None) -> dict:
+        lp = self._logprobs(entries)
         if not self.chat:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": last.finish_reason}
             return self._envelope("text_completion", [choice], usage=self.usage(last))
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": last.finish_reason}
+        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": last.finish_reason}
         return self._envelope("chat.completion", [choice], usage=self.usage(last))

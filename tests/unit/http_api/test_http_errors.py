@@ -40,7 +40,7 @@ BAD = [
     ("top_p 2", COMPLETIONS, {"prompt": "hi", "top_p": 2}, "top_p"),
     ("top_k -2", COMPLETIONS, {"prompt": "hi", "top_k": -2}, "top_k"),
     ("n 2", COMPLETIONS, {"prompt": "hi", "n": 2}, "n"),
-    ("logprobs", COMPLETIONS, {"prompt": "hi", "logprobs": 1}, "logprobs"),
+    ("logprobs 21", COMPLETIONS, {"prompt": "hi", "logprobs": 21}, "logprobs"),
     ("echo", COMPLETIONS, {"prompt": "hi", "echo": True}, "echo"),
     ("empty stop", COMPLETIONS, {"prompt": "hi", "stop": [""]}, "stop"),
     ("stop not strings", COMPLETIONS, {"prompt": "hi", "stop": [1]}, "stop"),
@@ -51,7 +51,7 @@ BAD = [
     ("chat n 2", CHAT, {"messages": USER, "n": 2}, "n"),
     ("chat wrong model", CHAT, {"messages": USER, "model": "other"}, "model"),
     ("chat temperature -1", CHAT, {"messages": USER, "temperature": -1}, "temperature"),
-    ("chat logprobs", CHAT, {"messages": USER, "logprobs": True}, "logprobs"),
+    ("chat top_logprobs alone", CHAT, {"messages": USER, "top_logprobs": 3}, "top_logprobs"),
 ]
 
 

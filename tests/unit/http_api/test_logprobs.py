@@ -1,0 +1,118 @@
+"""Logprobs through the OpenAI API from a real engine (issue 15, point 1): completions' `logprobs` and chat's
+`logprobs` / `top_logprobs`, streamed and not, equal the model's raw log-softmax; bad values a 400."""
+
+from __future__ import annotations
+
+import httpx2 as httpx
+import pytest
+import torch
+
+from cluster.http_api import build_http_app
+from emoe.api import ModelInfo
+from emoe.demo import write_demo_model
+from emoe.tokenizer import Tokenizer
+from router import Engine
+from router.engine.async_engine import AsyncEngine, EngineConfig
+from tests.unit.http_api.support import CHAT, COMPLETIONS, MODEL, USER, Server, client
+
+
+class EngineBackend:
+    """The serving engine in process, as the HTTP app's backend."""
+
+    def __init__(self, engine: Engine, tok: Tokenizer):
+        self.engine, self.tok = engine, tok
+        self.ae = AsyncEngine(engine.spec, engine.model, engine.dispatcher, EngineConfig(), tok)
+
+    def info(self) -> ModelInfo:
+        spec = self.engine.spec
+        return ModelInfo(MODEL, "minimax_m2", self.tok.vocab_size, 256, 64, tuple(spec.eos_token_ids))
+
+    def generate(self, request):
+        return self.ae.generate(request)
+
+    async def cancel(self, request_id: str) -> None:
+        await self.ae.cancel(request_id)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    path = write_demo_model(tmp_path_factory.mktemp("lp") / "m")
+    tok = Tokenizer(path)
+    with Engine.from_pretrained(path, num_groups=2) as engine:
+        app = build_http_app(EngineBackend(engine, tok), tok, model_name=MODEL)
+        with Server(app) as url:
+            yield url, engine, tok
+
+
+def raw_logprobs(engine: Engine, prompt: list[int], out: list[int]) -> list[float]:
+    logits = engine.logits([prompt + out])[0]
+    raw = torch.log_softmax(logits.float(), dim=-1)
+    return [float(raw[len(prompt) - 1 + i, t]) for i, t in enumerate(out)]
+
+
+def test_completions_logprobs_are_the_raw_model_logprobs(served):
+    url, engine, tok = served
+    with client(url) as c:
+        r = c.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0, logprobs=3
+        )
+    lp = r.choices[0].logprobs
+    prompt = tok.encode("Once upon a time")
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 3 <= len(top) <= 4 and top[token] == value  # greedy: the chosen token is the top one
+        assert value == max(top.values()) and value <= 0
+    # the same values as the model's log-softmax (the ids from a token-id prompt, to avoid re-tokenizing)
+    with client(url) as c:
+        r2 = c.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=0)
+    assert r2.choices[0].text == r.choices[0].text
+    ids = engine.generate([prompt], max_tokens=5, ignore_eos=True)[0]
+    assert r2.choices[0].logprobs.token_logprobs == pytest.approx(raw_logprobs(engine, prompt, ids), abs=1e-4)
+
+
+def test_chat_logprobs_streamed_and_not(served):
+    url, _, _ = served
+    with client(url) as c:
+        whole = c.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+        )
+        stream = c.chat.completions.create(
+            model=MODEL,
+            messages=USER,
+            max_tokens=6,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+        )
+        streamed = [
+            e for ch in stream for choice in ch.choices if choice.logprobs for e in choice.logprobs.content
+        ]
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens == 6
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token or e.token.startswith("bytes:")
+    with client(url) as c:
+        plain = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    "path, extra, field",
+    [
+        (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+        (CHAT, {"logprobs": True, "top_logprobs": 21}, "logprobs"),
+        (COMPLETIONS, {"logprobs": 21}, "logprobs"),
+        (COMPLETIONS, {"logprobs": -1}, "logprobs"),
+    ],
+)
+def test_bad_logprobs_are_400(served, path, extra, field):
+    url, _, _ = served
+    body = {"model": MODEL, "max_tokens": 2, **extra}
+    body.update({"messages": USER} if path == CHAT else {"prompt": "hi"})
+    r = httpx.post(url + path, json=body, timeout=10)
+    assert r.status_code == 400 and field in r.json()["error"]["param"], r.text
