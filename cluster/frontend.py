@@ -93,7 +93,8 @@ def _resumed(request: GenerateRequest, sent: list[int], attempt: int) -> Generat
     return GenerateRequest(
         request_id=f"{request.request_id}~{attempt}",
         prompt_token_ids=tuple(request.prompt_token_ids) + tuple(sent),
-        sampling=dataclasses.replace(s, max_tokens=s.max_tokens - len(sent)),
+        # the prompt logprobs went out with the first chunk; the resumed stream does not repeat them
+        sampling=dataclasses.replace(s, max_tokens=s.max_tokens - len(sent), prompt_logprobs=None),
         prompt_text=request.prompt_text,
         resume_offset=request.resume_offset + len(sent),
     )

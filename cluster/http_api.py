@@ -11,9 +11,10 @@ Contract:
   over MAX_BODY_BYTES gets Starlette's plain-text 413; an error after a stream's headers went out is sent
   as a final `data: {"error": ...}` event without `[DONE]`.
 - A `model` other than the served one is 400 `invalid_request_error` with param "model" (an omitted model
-  means the served one). Unsupported OpenAI features (n > 1, logprobs, echo, suffix, best_of, penalties,
-  logit_bias, tools, non-text response_format, batched prompts) are 400 naming the field, never ignored;
-  unknown fields are ignored.
+  means the served one). Unsupported OpenAI features (n > 1, suffix, best_of, tools, non-text
+  response_format, batched prompts) are 400 naming the field, never ignored; unknown fields are ignored.
+- Logprobs (`cluster/openai_logprobs.py`) are the raw model's; completions' `echo` sends the prompt first
+  (with its logprobs when `logprobs` is set: what lm-eval's loglikelihood reads).
 - With `api_token`, every path except `/health` needs `Authorization: Bearer <token>` (else 401).
 - A client that goes away, streaming or not, has its request cancelled at the backend
   (`backend.cancel(request_id)`, shielded from the handler's own cancellation); finished ones are not.
@@ -165,9 +166,9 @@ class _Api:
     async def _whole(self, request: Request, reply: Reply, first, chunks) -> Response:
         finished = False
         try:
-            text, last, entries = await unless_disconnected(request, collect(first, chunks))
+            text, last, entries, prompt = await unless_disconnected(request, collect(first, chunks))
             finished = True
-            return JSONResponse(reply.whole(text, last, entries))
+            return JSONResponse(reply.whole(text, last, entries, prompt))
         except ClientGone:
             return Response(status_code=499)
         except Exception as exc:
@@ -216,10 +217,13 @@ class _Api:
             logit_bias=body.logit_bias_pairs(),
             skip_special_tokens=body.skip_special_tokens,
             logprobs=body.requested_logprobs(),
+            prompt_logprobs=body.requested_logprobs() if getattr(body, "echo", False) else None,
         )
         validate_budget(info, len(ids), sampling)
         if sampling.logprobs is not None:
             reply.logprobs = LogprobFormat(self.tokenizer, reply.chat)
+        if getattr(body, "echo", False):
+            reply.echo = (text if text else self.tokenizer.decode(ids), list(ids))
         return GenerateRequest(reply.request_id, tuple(ids), sampling, prompt_text=text)
 
     def _chat_prompt(self, body: ChatBody, info) -> tuple[list[int], str]:

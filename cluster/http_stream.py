@@ -15,23 +15,23 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from cluster.openai_schema import Reply
-from emoe.api import GenerateChunk, InferenceBackend, TokenLogprob
+from emoe.api import GenerateChunk, InferenceBackend
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def collect(
-    first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]
-) -> tuple[str, GenerateChunk, list[TokenLogprob]]:
-    """(whole text, last chunk, logprob entries) of a stream whose first chunk was already read."""
-    parts, last, chunk, entries = [], first, first, []
+async def collect(first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]) -> tuple:
+    """(whole text, last chunk, logprob entries, prompt logprob entries or None) of a stream whose first
+    chunk was already read."""
+    parts, last, chunk, entries, prompt = [], first, first, [], None
     while chunk is not None:
         parts.append(chunk.text)
         entries.extend(chunk.logprobs or ())
+        prompt = chunk.prompt_logprobs if chunk.prompt_logprobs is not None else prompt
         last = chunk
         chunk = await anext(chunks, None)
-    return "".join(parts), last, entries
+    return "".join(parts), last, entries, prompt
 
 
 async def sse_events(
@@ -49,8 +49,15 @@ async def sse_events(
             yield sse(reply.chunk("", None, role=True))
         while chunk is not None:
             last = chunk
-            if chunk.text or chunk.finish_reason or chunk.logprobs:
-                yield sse(reply.chunk(chunk.text, chunk.finish_reason, entries=chunk.logprobs))
+            if chunk.text or chunk.finish_reason or chunk.logprobs or reply.echo:
+                yield sse(
+                    reply.chunk(
+                        chunk.text,
+                        chunk.finish_reason,
+                        entries=chunk.logprobs,
+                        prompt_entries=chunk.prompt_logprobs,
+                    )
+                )
             chunk = await anext(chunks, None)
         reply.finished = True
         if include_usage:

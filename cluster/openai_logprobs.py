@@ -22,27 +22,29 @@ class LogprobFormat:
     chat: bool
     offset: int = 0  # completions' text_offset of the next token, in characters of the completion
 
-    def __call__(self, entries: list[TokenLogprob]) -> dict[str, Any]:
-        return self._chat(entries) if self.chat else self._completions(entries)
+    def __call__(
+        self, entries: list[TokenLogprob], prompt: list[tuple[int, TokenLogprob | None]] = ()
+    ) -> dict[str, Any]:
+        """`entries` of generated tokens; `prompt` (completions' echo): (token id, entry or None) first."""
+        if self.chat:
+            return self._chat(entries)
+        return self._completions([*prompt, *((e.token_id, e) for e in entries)])
 
-    def _completions(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def _completions(self, items: list[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
         text = self.tokenizer.token_text
-        tokens, offsets = [], []
-        for e in entries:
-            tokens.append(text(e.token_id))
+        tokens, offsets, values, tops = [], [], [], []
+        for token_id, e in items:
+            tokens.append(text(token_id))
             offsets.append(self.offset)
             self.offset += len(tokens[-1])
-        tops = []
-        for e, token in zip(entries, tokens, strict=True):
+            values.append(None if e is None else e.logprob)
+            if e is None:  # the first prompt token: nothing precedes it
+                tops.append(None)
+                continue
             top = {text(t): lp for t, lp in e.top}
-            top.setdefault(token, e.logprob)
+            top.setdefault(tokens[-1], e.logprob)
             tops.append(top)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": tops,
-            "text_offset": offsets,
-        }
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
     def _chat(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         return {

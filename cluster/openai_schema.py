@@ -85,7 +85,6 @@ class CompletionBody(RequestBody):
     best_of: StrictInt | None = None
     NEUTRAL = {
         **RequestBody.NEUTRAL,
-        "echo": (None, False),
         "suffix": (None, ""),
         "best_of": (None, 1),
     }
@@ -172,19 +171,35 @@ class Reply:
     model: str
     finished: bool = False  # the backend stream ended; nothing to cancel
     created: int = field(default_factory=lambda: int(time.time()))
-    logprobs: Callable[[list[TokenLogprob]], dict] | None = None  # set when the request asked for them
+    logprobs: Callable[..., dict] | None = None  # set when the request asked for them
+    # completions' echo: the prompt (text, token ids), sent before the first generated text
+    echo: tuple[str, list[int]] | None = None
 
-    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
-        return self.logprobs(entries or []) if self.logprobs is not None else None
+    def _logprobs(self, entries, prompt_entries=None) -> dict | None:
+        if self.logprobs is None:
+            return None
+        prompt = ()
+        if self.echo is not None and prompt_entries is not None:
+            prompt = list(zip(self.echo[1], prompt_entries, strict=True))
+        return self.logprobs(entries or [], prompt)
+
+    def _echo_text(self) -> str:
+        """The prompt's text, once (the first event of a stream, or the whole reply)."""
+        if self.echo is None:
+            return ""
+        text, self.echo = self.echo[0], (None if self.logprobs is None else ("", self.echo[1]))
+        return text
 
     def _envelope(self, kind: str, choices: list[dict], **extra: Any) -> dict:
         head = {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
         return {**head, "choices": choices, **extra}
 
-    def chunk(self, text: str, finish: str | None, *, role: bool = False, entries=None) -> dict:
-        lp = None if role else self._logprobs(entries)
+    def chunk(
+        self, text: str, finish: str | None, *, role: bool = False, entries=None, prompt_entries=None
+    ) -> dict:
+        lp = None if role else self._logprobs(entries, prompt_entries)
         if not self.chat:
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+            choice = {"index": 0, "text": self._echo_text() + text, "logprobs": lp, "finish_reason": finish}
             return self._envelope("text_completion", [choice])
         delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
         choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
@@ -200,9 +215,12 @@ class Reply:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return self._envelope(kind, [], usage=self.usage(last))
 
-    def whole(self, text: str, last: GenerateChunk, entries: list[TokenLogprob] | None = None) -> dict:
-        lp = self._logprobs(entries)
+    def whole(
+        self, text: str, last: GenerateChunk, entries: list[TokenLogprob] | None = None, prompt_entries=None
+    ) -> dict:
+        lp = self._logprobs(entries, prompt_entries)
         if not self.chat:
+            text = self._echo_text() + text
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": last.finish_reason}
             return self._envelope("text_completion", [choice], usage=self.usage(last))
         message = {"role": "assistant", "content": text}

@@ -18,6 +18,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
+        self.path = path  # the checkpoint directory (for tools that load the tokenizer themselves)
         file = path / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path}")

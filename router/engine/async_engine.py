@@ -26,7 +26,7 @@ from emoe.metrics import Histogram
 from emoe.spec import ModelSpec
 from emoe.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.dispatch import Dispatcher
-from router.engine.sampling import SequenceSampling, sample, stop_token_set
+from router.engine.sampling import SequenceSampling, prompt_logprobs, sample, stop_token_set
 from router.engine.scheduler import BlockManager, Scheduler, Sequence, Status
 from router.model import KVPool, PagedDecode, PagedSequenceCache, RouterModel, Segment, Segments
 
@@ -55,6 +55,8 @@ class RequestState:
     detok: IncrementalDetokenizer | None
     stops: frozenset[int]
     pending_text: str = ""  # decoded but held back: it may be the start of a stop string
+    # sampling.prompt_logprobs: entry p for prompt token p (None for the first), filled as prefill runs
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     done: bool = False
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -159,6 +161,8 @@ class AsyncEngine:
         seq = Sequence(request.request_id, list(request.prompt_token_ids), max_tokens)
         sampling = SequenceSampling(p, stops, seq.prompt, seq.output, request.resume_offset)
         seq.state = RequestState(request, sampling, asyncio.Queue(), detok, stops)
+        if p.prompt_logprobs is not None:
+            seq.state.prompt_logprobs = [None] * len(seq.prompt)
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens += len(seq.prompt)
@@ -249,8 +253,25 @@ class AsyncEngine:
             segments.decode = PagedDecode(self.pool, [s.cache for s in segments])
         ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
         h = await self.model.forward(ids, segments, self.dispatcher)  # [T, H]
+        for s, c in zip(segments, chunks, strict=True):
+            if c.seq.state.prompt_logprobs is not None:
+                self._prompt_logprobs(c, h[s.start : s.start + s.n])
         last = [s.start + s.n - 1 for s, c in zip(segments, chunks, strict=True) if c.samples]
         return self.model.logits(h[last]) if last else None
+
+    def _prompt_logprobs(self, c, h: torch.Tensor) -> None:
+        """Logprob entries of the prompt tokens this chunk predicts (position p predicts token p + 1). A
+        recompute after preemption writes the same entries again."""
+        state: RequestState = c.seq.state
+        prompt = c.seq.prompt
+        stop = min(c.start + c.n, len(prompt) - 1)  # positions whose next token is still in the prompt
+        if stop <= c.start:
+            return
+        logits = self.model.logits(h[: stop - c.start])
+        entries = prompt_logprobs(
+            logits, prompt[c.start + 1 : stop + 1], state.request.sampling.prompt_logprobs
+        )
+        state.prompt_logprobs[c.start + 1 : stop + 1] = entries
 
     def _on_token(self, seq: Sequence, tok: int, logprob: TokenLogprob | None) -> None:
         state: RequestState = seq.state
@@ -284,6 +305,8 @@ class AsyncEngine:
         chunk = self._chunk(seq, [tok], text, finish)
         if logprob is not None:
             chunk.logprobs = [logprob]
+        if state.prompt_logprobs is not None and len(seq.output) == 1:
+            chunk.prompt_logprobs = state.prompt_logprobs
         state.queue.put_nowait(chunk)
 
     def _hold_back(self, state: RequestState, text: str, final: bool) -> tuple[str, bool]:

@@ -25,12 +25,13 @@ def demo(tmp_path_factory):
     engine.close()
 
 
-async def run_all(demo, requests: dict[str, dict]) -> dict[str, list]:
+async def run_all(demo, requests: dict[str, dict], prompts=None, **cfg) -> dict[str, list]:
     path, engine = demo
-    ae = AsyncEngine(engine.spec, engine.model, engine.dispatcher, EngineConfig(), Tokenizer(path))
+    ae = AsyncEngine(engine.spec, engine.model, engine.dispatcher, EngineConfig(**cfg), Tokenizer(path))
 
     async def one(rid, sampling):
-        req = GenerateRequest(rid, tuple(PROMPT), SamplingParams(**sampling))
+        prompt = (prompts or {}).get(rid, PROMPT)
+        req = GenerateRequest(rid, tuple(prompt), SamplingParams(**sampling))
         return [c async for c in ae.generate(req)]
 
     got = await asyncio.gather(*(one(rid, s) for rid, s in requests.items()))
@@ -71,3 +72,28 @@ def test_logprobs_stream_with_each_token(demo):
         row = raw[len(PROMPT) - 1 + i]
         assert e.logprob == pytest.approx(float(row[out[i]]), abs=1e-4)
         assert e.rank == 1 and len(e.top) == 2 and e.top[0][0] == out[i]  # greedy: the top token
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(), dict(max_batch_tokens=8), dict(kv_blocks=10, block_size=4)],
+    ids=["roomy", "chunked-prefill", "tight-kv"],
+)
+def test_prompt_logprobs_come_with_the_first_chunk(demo, cfg):
+    _, engine = demo
+    prompts = {f"p{i}": list(range(10 + i, 30 + 3 * i)) for i in range(3)}
+    requests = {rid: dict(max_tokens=3, ignore_eos=True, prompt_logprobs=2) for rid in prompts}
+    requests["none"] = dict(max_tokens=3, ignore_eos=True)
+    got = asyncio.run(run_all(demo, requests, prompts, **cfg))
+    assert all(c.prompt_logprobs is None for c in got["none"])
+    for rid, prompt in prompts.items():
+        first = next(c for c in got[rid] if c.token_ids)
+        entries = first.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        assert all(c.prompt_logprobs is None for c in got[rid] if c is not first)
+        raw = torch.log_softmax(engine.logits([prompt])[0].float(), dim=-1)
+        for p in range(1, len(prompt)):
+            e = entries[p]
+            assert e.token_id == prompt[p]
+            assert e.logprob == pytest.approx(float(raw[p - 1, prompt[p]]), abs=1e-4)
+            assert e.rank == 1 + int((raw[p - 1] > raw[p - 1, prompt[p]]).sum()) and len(e.top) == 2

@@ -41,7 +41,7 @@ BAD = [
     ("top_k -2", COMPLETIONS, {"prompt": "hi", "top_k": -2}, "top_k"),
     ("n 2", COMPLETIONS, {"prompt": "hi", "n": 2}, "n"),
     ("logprobs 21", COMPLETIONS, {"prompt": "hi", "logprobs": 21}, "logprobs"),
-    ("echo", COMPLETIONS, {"prompt": "hi", "echo": True}, "echo"),
+    ("suffix", COMPLETIONS, {"prompt": "hi", "suffix": "end"}, "suffix"),
     ("empty stop", COMPLETIONS, {"prompt": "hi", "stop": [""]}, "stop"),
     ("stop not strings", COMPLETIONS, {"prompt": "hi", "stop": [1]}, "stop"),
     ("wrong model", COMPLETIONS, {"prompt": "hi", "model": "gpt-4"}, "model"),

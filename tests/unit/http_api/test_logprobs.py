@@ -116,3 +116,47 @@ def test_bad_logprobs_are_400(served, path, extra, field):
     body.update({"messages": USER} if path == CHAT else {"prompt": "hi"})
     r = httpx.post(url + path, json=body, timeout=10)
     assert r.status_code == 400 and field in r.json()["error"]["param"], r.text
+
+
+def test_echo_sends_the_prompt_and_its_logprobs_first(served):
+    url, engine, tok = served
+    prompt = tok.encode("The quick brown fox")
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
+    r = httpx.post(url + COMPLETIONS, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(prompt) + 1 and choice["text"].startswith(tok.decode(prompt))
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    raw = torch.log_softmax(engine.logits([prompt])[0].float(), dim=-1)
+    want = [float(raw[p - 1, prompt[p]]) for p in range(1, len(prompt))]
+    assert lp["token_logprobs"][1 : len(prompt)] == pytest.approx(want, abs=1e-4)
+    assert all(1 <= len(top) <= 2 for top in lp["top_logprobs"][1:])
+    streamed = httpx.post(url + COMPLETIONS, json={**body, "stream": True}, timeout=30).text
+    assert tok.decode(prompt) in streamed and '"token_logprobs":[null,' in streamed
+    plain = httpx.post(url + COMPLETIONS, json={**body, "logprobs": None}, timeout=30).json()
+    assert plain["choices"][0]["text"] == choice["text"] and plain["choices"][0]["logprobs"] is None
+
+
+def test_lm_eval_loglikelihood_equals_the_engine(served):
+    """lm-eval's own LocalCompletionsAPI (as `lm_eval --model local-completions` runs it) scores a
+    continuation: the sum over its tokens of the model's log-softmax, fp32, within 1e-4."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    url, engine, tok = served
+    lm = LocalCompletionsAPI(
+        base_url=url + COMPLETIONS, model=MODEL, tokenizer=str(tok.path), tokenizer_backend="huggingface"
+    )
+    context, continuation = "Once upon a time", " there was a river"
+    req = Instance("loglikelihood", {}, (context, continuation), 0)
+    [(score, _greedy)] = lm.loglikelihood([req])
+    ctx, whole = tok.encode(context), tok.encode(context + continuation)
+    raw = torch.log_softmax(engine.logits([whole])[0].float(), dim=-1)
+    want = sum(float(raw[p - 1, whole[p]]) for p in range(len(ctx), len(whole)))
+    assert score == pytest.approx(want, abs=1e-4)
+    [text] = lm.generate_until(
+        [Instance("generate_until", {}, (context, {"max_gen_toks": 4, "until": ["\n\n"]}), 0)]
+    )
+    greedy = engine.generate([ctx], max_tokens=4)[0]
+    assert text == tok.decode(greedy).split("\n\n")[0]
