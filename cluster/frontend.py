@@ -82,7 +82,9 @@ class RouterBackend:
                 gen.cancel()
 
     async def cancel(self, request_id: str) -> None:
-        for rid in [r for r in self._live if r == request_id or r.startswith(request_id + "~")]:
+        for rid in [
+            r for r in self._live if r == request_id or r.startswith((request_id + "~", request_id + "/"))
+        ]:
             gen = self._live.pop(rid, None)
             if gen is not None:
                 gen.cancel()

@@ -11,8 +11,8 @@ Contract:
   over MAX_BODY_BYTES gets Starlette's plain-text 413; an error after a stream's headers went out is sent
   as a final `data: {"error": ...}` event without `[DONE]`.
 - A `model` other than the served one is 400 `invalid_request_error` with param "model" (an omitted model
-  means the served one). Unsupported OpenAI features (n > 1, suffix, best_of, tools, non-text
-  response_format, batched prompts) are 400 naming the field, never ignored; unknown fields are ignored.
+  means the served one). Unsupported OpenAI features (suffix, best_of, tools, non-text response_format)
+  are 400 naming the field, never ignored; unknown fields are ignored.
 - Logprobs (`cluster/openai_logprobs.py`) are the raw model's; completions' `echo` sends the prompt first
   (with its logprobs when `logprobs` is set: what lm-eval's loglikelihood reads).
 - With `api_token`, every path except `/health` needs `Authorization: Bearer <token>` (else 401).
@@ -56,7 +56,7 @@ from cluster.openai_schema import (
     CompletionBody,
     Reply,
     RequestBody,
-    completion_prompt,
+    completion_prompts,
     invalid_detail,
     stop_strings,
 )
@@ -68,6 +68,7 @@ from emoe.api import (
     validate_budget,
     validate_prompt,
 )
+from emoe.fanout import MAX_N, choice, fan_out
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -137,8 +138,8 @@ class _Api:
 
     async def _serve(self, body: RequestBody, request: Request, reply: Reply) -> Response:
         try:
-            gen = await asyncio.to_thread(self._to_request, body, reply)  # tokenizing may take a while
-            chunks = self.backend.generate(gen)
+            gens = await asyncio.to_thread(self._to_requests, body, reply)  # tokenizing takes a while
+            chunks = fan_out(self.backend, gens)
         except Exception as exc:
             return _error_response(exc)
         try:
@@ -153,11 +154,11 @@ class _Api:
                 else _error_response(exc, reply.request_id)
             )
         if first is None:  # a stream without chunks reads as one empty chunk (its usage: the prompt)
-            first = gen.empty_chunk()
+            first = gens[0].empty_chunk()
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             events = sse_events(
-                reply, first, chunks, usage, lambda exc: _error_body(exc, reply.request_id)[1]
+                reply, first, chunks, usage, lambda exc: _error_body(exc, reply.request_id)[1], len(gens)
             )
             release = functools.partial(release_backend, self.backend, reply.request_id, chunks)
             return EventStream(events, reply, release)
@@ -166,9 +167,9 @@ class _Api:
     async def _whole(self, request: Request, reply: Reply, first, chunks) -> Response:
         finished = False
         try:
-            text, last, entries, prompt = await unless_disconnected(request, collect(first, chunks))
+            choices = await unless_disconnected(request, collect(first, chunks))
             finished = True
-            return JSONResponse(reply.whole(text, last, entries, prompt))
+            return JSONResponse(reply.whole(choices))
         except ClientGone:
             return Response(status_code=499)
         except Exception as exc:
@@ -176,8 +177,9 @@ class _Api:
         finally:
             await release_backend(self.backend, reply.request_id, chunks, finished)
 
-    def _to_request(self, body: RequestBody, reply: Reply) -> GenerateRequest:
-        """Checks `body` and builds the backend request; raises InvalidRequest naming the OpenAI field."""
+    def _to_requests(self, body: RequestBody, reply: Reply) -> list[GenerateRequest]:
+        """Checks `body` and builds the backend requests (`n` per prompt; choice k is `<id>/<k>`, seeded
+        with seed + k); raises InvalidRequest naming the OpenAI field."""
         if body.model is not None and body.model != self.model_name:
             raise InvalidRequest(
                 "model", f"{body.model[:200]!r} is not served here (serving {self.model_name!r})"
@@ -190,9 +192,23 @@ class _Api:
             self.on_ignored(ignored)
         info = self.backend.info()
         if isinstance(body, ChatBody):
-            ids, text = self._chat_prompt(body, info)
+            prompts = [self._chat_prompt(body, info)]
         else:
-            ids, text = completion_prompt(body.prompt, info, self.tokenizer)
+            prompts = completion_prompts(body.prompt, info, self.tokenizer)
+        reply.n = n = 1 if body.n is None else body.n
+        if isinstance(n, bool) or not 1 <= n <= MAX_N:
+            raise InvalidRequest("n", f"must be an integer in [1, {MAX_N}], got {n!r}")
+        if reply.logprob_format is None and body.requested_logprobs() is not None:
+            reply.logprob_format = functools.partial(LogprobFormat, self.tokenizer, reply.chat)
+        requests = []
+        for p, (ids, text) in enumerate(prompts):
+            base = self._request(body, info, reply, ids, text)
+            if getattr(body, "echo", False):
+                reply.echo[p] = (text if text else self.tokenizer.decode(ids), list(ids))
+            requests += [choice(base, p * n + k, len(prompts) * n) for k in range(n)]
+        return requests
+
+    def _request(self, body: RequestBody, info, reply: Reply, ids: list[int], text: str) -> GenerateRequest:
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:
             max_tokens = info.default_max_tokens(self.default_max_tokens, len(ids))
@@ -220,10 +236,6 @@ class _Api:
             prompt_logprobs=body.requested_logprobs() if getattr(body, "echo", False) else None,
         )
         validate_budget(info, len(ids), sampling)
-        if sampling.logprobs is not None:
-            reply.logprobs = LogprobFormat(self.tokenizer, reply.chat)
-        if getattr(body, "echo", False):
-            reply.echo = (text if text else self.tokenizer.decode(ids), list(ids))
         return GenerateRequest(reply.request_id, tuple(ids), sampling, prompt_text=text)
 
     def _chat_prompt(self, body: ChatBody, info) -> tuple[list[int], str]:

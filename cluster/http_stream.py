@@ -21,17 +21,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def collect(first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]) -> tuple:
-    """(whole text, last chunk, logprob entries, prompt logprob entries or None) of a stream whose first
-    chunk was already read."""
-    parts, last, chunk, entries, prompt = [], first, first, [], None
+async def collect(first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]) -> dict[int, tuple]:
+    """Per choice index: (whole text, last chunk, logprob entries, prompt logprob entries or None), of a
+    stream whose first chunk was already read."""
+    parts: dict[int, list[str]] = {}
+    lasts: dict[int, GenerateChunk] = {}
+    entries: dict[int, list] = {}
+    prompts: dict[int, list | None] = {}
+    chunk = first
     while chunk is not None:
-        parts.append(chunk.text)
-        entries.extend(chunk.logprobs or ())
-        prompt = chunk.prompt_logprobs if chunk.prompt_logprobs is not None else prompt
-        last = chunk
+        i = chunk.index
+        parts.setdefault(i, []).append(chunk.text)
+        entries.setdefault(i, []).extend(chunk.logprobs or ())
+        if chunk.prompt_logprobs is not None or i not in prompts:
+            prompts[i] = chunk.prompt_logprobs
+        lasts[i] = chunk
         chunk = await anext(chunks, None)
-    return "".join(parts), last, entries, prompt
+    return {i: ("".join(parts[i]), lasts[i], entries[i], prompts[i]) for i in lasts}
 
 
 async def sse_events(
@@ -40,28 +46,24 @@ async def sse_events(
     chunks: AsyncGenerator[GenerateChunk, None],
     include_usage: bool,
     error_event: Callable[[Exception], dict],
+    num_choices: int = 1,
 ) -> AsyncIterator[str]:
     """The SSE body; sets `reply.finished` once the backend stream ended. A backend error after the
     headers went out becomes the event `error_event(exc)`."""
-    last, chunk = first, first
+    lasts: dict[int, GenerateChunk] = {}
+    chunk = first
     try:
         if reply.chat:
-            yield sse(reply.chunk("", None, role=True))
+            for index in range(num_choices):
+                yield sse(reply.role_chunk(index))
         while chunk is not None:
-            last = chunk
-            if chunk.text or chunk.finish_reason or chunk.logprobs or reply.echo:
-                yield sse(
-                    reply.chunk(
-                        chunk.text,
-                        chunk.finish_reason,
-                        entries=chunk.logprobs,
-                        prompt_entries=chunk.prompt_logprobs,
-                    )
-                )
+            lasts[chunk.index] = chunk
+            if chunk.text or chunk.finish_reason or chunk.logprobs or reply.echo_pending(chunk.index):
+                yield sse(reply.chunk(chunk))
             chunk = await anext(chunks, None)
         reply.finished = True
         if include_usage:
-            yield sse(reply.usage_chunk(last))
+            yield sse(reply.usage_chunk(lasts))
         yield "data: [DONE]\n\n"
     except Exception as exc:
         yield sse(error_event(exc))

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from emoe.api import GenerateChunk, InvalidRequest, TokenLogprob, validate_prompt
+from emoe.api import GenerateChunk, InvalidRequest, validate_prompt
 
 MAX_STOP_STRINGS = 16
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
@@ -46,7 +46,7 @@ class RequestBody(BaseModel):
     skip_special_tokens: bool = True  # extension (vLLM)
 
     # OpenAI features this server does not do: field -> the values that ask for nothing (else 400)
-    NEUTRAL: ClassVar[dict[str, tuple]] = {"n": (None, 1)}
+    NEUTRAL: ClassVar[dict[str, tuple]] = {}
 
     def unsupported(self) -> str | None:
         """The first field that asks for an unsupported feature, if any."""
@@ -132,20 +132,31 @@ class ChatBody(RequestBody):
         return self.top_logprobs or 0
 
 
-def completion_prompt(prompt: Any, info, tokenizer) -> tuple[list[int], str]:
-    """A string or a list of token ids (a batch of one of either is unwrapped) -> (ids, prompt text)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if prompt is None or isinstance(prompt, str):
-        return validate_prompt(info, prompt, None, tokenizer.encode), prompt or ""
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        try:
-            return validate_prompt(info, None, prompt, tokenizer.encode), ""
-        except InvalidRequest as exc:
-            raise InvalidRequest("prompt", invalid_detail(exc)) from exc
-    raise InvalidRequest(
-        "prompt", "must be a string or a list of token ids (batched prompts are not supported)"
-    )
+MAX_PROMPTS = 64  # prompts in one batched completions request
+
+
+def completion_prompts(prompt: Any, info, tokenizer) -> list[tuple[list[int], str]]:
+    """A string, a list of token ids, or a batch (list) of either -> [(ids, prompt text)] per prompt."""
+    batch = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str | list) for p in prompt)
+    prompts = prompt if batch else [prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequest("prompt", f"a batch of {len(prompts)} prompts, more than {MAX_PROMPTS}")
+    out = []
+    for i, p in enumerate(prompts):
+        where = f"prompt[{i}]" if batch else "prompt"
+        if p is None or isinstance(p, str):
+            try:
+                out.append((validate_prompt(info, p, None, tokenizer.encode), p or ""))
+            except InvalidRequest as exc:
+                raise InvalidRequest(where, invalid_detail(exc)) from exc
+        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            try:
+                out.append((validate_prompt(info, None, p, tokenizer.encode), ""))
+            except InvalidRequest as exc:
+                raise InvalidRequest(where, invalid_detail(exc)) from exc
+        else:
+            raise InvalidRequest(where, "must be a string or a list of token ids")
+    return out
 
 
 def stop_strings(stop: Any) -> tuple[str, ...]:
@@ -164,65 +175,77 @@ def invalid_detail(exc: InvalidRequest) -> str:
 
 @dataclass
 class Reply:
-    """One response's identity and its OpenAI JSON objects."""
+    """One response's identity and its OpenAI JSON objects. Choice `index` = prompt * n + sample."""
 
     chat: bool
     request_id: str
     model: str
     finished: bool = False  # the backend stream ended; nothing to cancel
     created: int = field(default_factory=lambda: int(time.time()))
-    logprobs: Callable[..., dict] | None = None  # set when the request asked for them
-    # completions' echo: the prompt (text, token ids), sent before the first generated text
-    echo: tuple[str, list[int]] | None = None
-
-    def _logprobs(self, entries, prompt_entries=None) -> dict | None:
-        if self.logprobs is None:
-            return None
-        prompt = ()
-        if self.echo is not None and prompt_entries is not None:
-            prompt = list(zip(self.echo[1], prompt_entries, strict=True))
-        return self.logprobs(entries or [], prompt)
-
-    def _echo_text(self) -> str:
-        """The prompt's text, once (the first event of a stream, or the whole reply)."""
-        if self.echo is None:
-            return ""
-        text, self.echo = self.echo[0], (None if self.logprobs is None else ("", self.echo[1]))
-        return text
+    n: int = 1  # choices per prompt
+    logprob_format: Callable[[], Callable[..., dict]] | None = None  # a formatter per choice, when asked
+    echo: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # prompt -> (text, ids)
+    _formats: dict[int, Callable[..., dict]] = field(default_factory=dict)
+    _echoed: set[int] = field(default_factory=set)
 
     def _envelope(self, kind: str, choices: list[dict], **extra: Any) -> dict:
         head = {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
         return {**head, "choices": choices, **extra}
 
-    def chunk(
-        self, text: str, finish: str | None, *, role: bool = False, entries=None, prompt_entries=None
-    ) -> dict:
-        lp = None if role else self._logprobs(entries, prompt_entries)
+    def _logprobs(self, index: int, entries, prompt_entries=None) -> dict | None:
+        if self.logprob_format is None:
+            return None
+        fmt = self._formats.setdefault(index, self.logprob_format())
+        echo, prompt = self.echo.get(index // self.n), ()
+        if echo is not None and prompt_entries is not None:
+            prompt = list(zip(echo[1], prompt_entries, strict=True))
+        return fmt(entries or [], prompt)
+
+    def echo_pending(self, index: int) -> bool:
+        return index // self.n in self.echo and index not in self._echoed
+
+    def _echo_text(self, index: int) -> str:
+        """Completions' echo: the prompt's text, once per choice (its first event, or the whole reply)."""
+        if not self.echo_pending(index):
+            return ""
+        self._echoed.add(index)
+        return self.echo[index // self.n][0]
+
+    def role_chunk(self, index: int) -> dict:
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        return self._envelope("chat.completion.chunk", [{**choice, "finish_reason": None}])
+
+    def chunk(self, c: GenerateChunk) -> dict:
+        lp = self._logprobs(c.index, c.logprobs, c.prompt_logprobs)
         if not self.chat:
-            choice = {"index": 0, "text": self._echo_text() + text, "logprobs": lp, "finish_reason": finish}
+            text = self._echo_text(c.index) + c.text
+            choice = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
             return self._envelope("text_completion", [choice])
-        delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
-        choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        delta = {"content": c.text} if c.text else {}
+        choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason}
         return self._envelope("chat.completion.chunk", [choice])
 
-    @staticmethod
-    def usage(last: GenerateChunk) -> dict:
-        """OpenAI's usage object from the backend's counts on the stream's last chunk."""
-        prompt, completion = last.prompt_tokens, last.completion_tokens
+    def usage(self, lasts: dict[int, GenerateChunk]) -> dict:
+        """OpenAI's usage object from the backend's counts on each choice's last chunk (a prompt counts
+        once however many choices it has)."""
+        prompt = sum(c.prompt_tokens for i, c in lasts.items() if i % self.n == 0)
+        completion = sum(c.completion_tokens for c in lasts.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def usage_chunk(self, last: GenerateChunk) -> dict:
+    def usage_chunk(self, lasts: dict[int, GenerateChunk]) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(kind, [], usage=self.usage(last))
+        return self._envelope(kind, [], usage=self.usage(lasts))
 
-    def whole(
-        self, text: str, last: GenerateChunk, entries: list[TokenLogprob] | None = None, prompt_entries=None
-    ) -> dict:
-        lp = self._logprobs(entries, prompt_entries)
-        if not self.chat:
-            text = self._echo_text() + text
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": last.finish_reason}
-            return self._envelope("text_completion", [choice], usage=self.usage(last))
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": last.finish_reason}
-        return self._envelope("chat.completion", [choice], usage=self.usage(last))
+    def whole(self, choices: dict[int, tuple]) -> dict:
+        """`choices`: index -> (text, last chunk, logprob entries, prompt logprob entries or None)."""
+        out = []
+        for index in sorted(choices):
+            text, last, entries, prompt = choices[index]
+            lp = self._logprobs(index, entries, prompt)
+            if self.chat:
+                body = {"message": {"role": "assistant", "content": text}}
+            else:
+                body = {"text": self._echo_text(index) + text}
+            out.append({"index": index, **body, "logprobs": lp, "finish_reason": last.finish_reason})
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self._envelope(kind, out, usage=self.usage({i: c[1] for i, c in choices.items()}))

@@ -1,8 +1,5 @@
-"""`n` choices of one request: n backend requests, their chunks merged into one stream tagged by `index`.
-
-Both frontends use this, so `n` means the same over gRPC and HTTP. Choice i is request `<id>/<i>` (the
-request itself when n is 1); with a seed, choice i samples with seed + i, so each choice is reproducible
-and the choices differ. Closing the merged stream closes every choice's stream, which cancels it at the
+"""Several choices of one API request (`n` per prompt, batched prompts): one backend request per choice,
+their chunks merged into one stream tagged by `index`. Closing the merged stream closes every choice's stream, which cancels it at the
 backend.
 """
 
@@ -12,28 +9,19 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator
 
-from emoe.api import GenerateChunk, GenerateRequest, InferenceBackend, InvalidRequest
+from emoe.api import GenerateChunk, GenerateRequest, InferenceBackend
 
 MAX_N = 16
 
 
-def choices(request: GenerateRequest, n: int) -> list[GenerateRequest]:
-    """The backend requests of `n` choices of `request`; n outside [1, MAX_N] is InvalidRequest("n")."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise InvalidRequest("n", f"must be an integer in [1, {MAX_N}], got {n!r}")
-    if n == 1:
-        return [request]
-    seed = request.sampling.seed
-    return [
-        dataclasses.replace(
-            request,
-            request_id=f"{request.request_id}/{i}",
-            sampling=request.sampling
-            if seed is None
-            else dataclasses.replace(request.sampling, seed=seed + i),
-        )
-        for i in range(n)
-    ]
+def choice(request: GenerateRequest, index: int, total: int) -> GenerateRequest:
+    """Choice `index` of `total` (prompts x n): request `<id>/<index>`, seeded with seed + index, so each
+    choice is reproducible and the choices differ; the request itself when it is the only one."""
+    if total == 1:
+        return request
+    s = request.sampling
+    sampling = s if s.seed is None else dataclasses.replace(s, seed=s.seed + index)
+    return dataclasses.replace(request, request_id=f"{request.request_id}/{index}", sampling=sampling)
 
 
 async def fan_out(

@@ -17,8 +17,8 @@ def test_unknown_fields_are_ignored_and_reported_known_unsupported_are_400(tok):
         body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "aiperf_tag": "x", "priority": 3}
         r = http.post(COMPLETIONS, json=body)
         assert r.status_code == 200, r.text
-        r = http.post(COMPLETIONS, json={"model": MODEL, "prompt": "hi", "n": 2})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = http.post(COMPLETIONS, json={"model": MODEL, "prompt": "hi", "best_of": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
     assert seen == [["aiperf_tag", "priority"]]
 
 

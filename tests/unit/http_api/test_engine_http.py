@@ -1,5 +1,6 @@
-"""Logprobs through the OpenAI API from a real engine (issue 15, point 1): completions' `logprobs` and chat's
-`logprobs` / `top_logprobs`, streamed and not, equal the model's raw log-softmax; bad values a 400."""
+"""The OpenAI API over the real engine in process (issue 15): logprobs (completions' `logprobs`, chat's
+`logprobs` / `top_logprobs`, streamed and not) equal the model's raw log-softmax; echo and lm-eval's
+loglikelihood; batched prompts and `n` choices with their `index`; bad values a 400."""
 
 from __future__ import annotations
 
@@ -160,3 +161,34 @@ def test_lm_eval_loglikelihood_equals_the_engine(served):
     )
     greedy = engine.generate([ctx], max_tokens=4)[0]
     assert text == tok.decode(greedy).split("\n\n")[0]
+
+
+def texts(reply) -> dict[int, str]:
+    return {c.index: c.text for c in reply.choices}
+
+
+def test_batched_prompts_and_n_choices(served):
+    url, engine, tok = served
+    prompts = ["Once upon a time", "The quick brown fox"]
+    greedy = [tok.decode(o) for o in engine.generate([tok.encode(p) for p in prompts], max_tokens=4)]
+    with client(url) as c:
+        r = c.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0)
+        assert texts(r) == {0: greedy[0], 1: greedy[1]}
+        assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+        r = c.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0, n=2)
+        assert texts(r) == {0: greedy[0], 1: greedy[0], 2: greedy[1], 3: greedy[1]}  # index = prompt * n + k
+        ids = [tok.encode(p) for p in prompts]
+        r = c.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
+        assert texts(r) == {0: greedy[0], 1: greedy[1]}
+
+        sampled = dict(model=MODEL, prompt=prompts[0], max_tokens=8, temperature=1.0, seed=5, n=3)
+        a, b = c.completions.create(**sampled), c.completions.create(**sampled)
+        assert texts(a) == texts(b) and len(set(texts(a).values())) > 1  # reproducible, choices differ
+        streamed: dict[int, str] = {}
+        for chunk in c.completions.create(**sampled, stream=True):
+            for choice in chunk.choices:
+                streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+        assert streamed == texts(a)
+        chat = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=0, n=2)
+        assert [ch.index for ch in chat.choices] == [0, 1]
+        assert chat.choices[0].message.content == chat.choices[1].message.content
