@@ -27,6 +27,7 @@ from emoe.api import (
     InvalidRequest,
     ModelInfo,
     SamplingParams,
+    TokenLogprob,
     validate_budget,
     validate_prompt,
 )
@@ -69,6 +70,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             async with contextlib.aclosing(self._responses(req)) as responses:
                 async for part in responses:
                     whole.token_ids.extend(part.token_ids)
+                    whole.logprobs.extend(part.logprobs)
+                    whole.prompt_logprobs.extend(part.prompt_logprobs)
                     texts.append(part.text)
                     if part.finish_reason:
                         whole.finish_reason = part.finish_reason
@@ -163,6 +166,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             min_tokens=s.min_tokens,
             logit_bias=tuple(sorted(s.logit_bias.items())),
             skip_special_tokens=not s.keep_special_tokens,
+            logprobs=s.logprobs if s.HasField("logprobs") else None,
+            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
         )
         validate_budget(info, len(ids), sampling)
         return GenerateRequest(request_id, tuple(ids), sampling, prompt_text=request.prompt)
@@ -201,10 +206,17 @@ def _response(req: GenerateRequest, chunk: GenerateChunk) -> pb.GenerateResponse
         finish_reason=chunk.finish_reason or "",
         request_id=req.request_id,
     )
+    response.logprobs.extend(_logprob(e) for e in chunk.logprobs or ())
+    response.prompt_logprobs.extend(_logprob(e) for e in (chunk.prompt_logprobs or [None])[1:])
     if chunk.finish_reason:
         response.usage.prompt_tokens = chunk.prompt_tokens
         response.usage.completion_tokens = chunk.completion_tokens
     return response
+
+
+def _logprob(e: TokenLogprob) -> pb.TokenLogprob:
+    top = [pb.TopLogprob(token_id=t, logprob=lp) for t, lp in e.top]
+    return pb.TokenLogprob(token_id=e.token_id, logprob=e.logprob, rank=e.rank, top=top)
 
 
 async def abort(context, exc: BaseException, request_id: str = "") -> NoReturn:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65moe/v1/inference.proto\x12\x07\x65moe.v1\"\xb0\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\r\n\x05min_p\x18\x0c \x01(\x02\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12:\n\nlogit_bias\x18\x0e \x03(\x0b\x32&.emoe.v1.SamplingParams.LogitBiasEntry\x12\x1b\n\x13keep_special_tokens\x18\x0f \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"z\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.emoe.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"}\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.emoe.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xa8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nnum_groups\x18\x07 \x01(\r\x12\x11\n\ttransport\x18\x08 \x01(\t\x12\x43\n\x11sampling_defaults\x18\t \x03(\x0b\x32(.emoe.v1.ModelInfo.SamplingDefaultsEntry\x1a\x37\n\x15SamplingDefaultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x10\n\x0e\x43\x61ncelResponse\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\":\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\x94\x03\n\tInference\x12\x41\n\x08Generate\x12\x18.emoe.v1.GenerateRequest\x1a\x19.emoe.v1.GenerateResponse0\x01\x12?\n\x08\x43omplete\x12\x18.emoe.v1.GenerateRequest\x1a\x19.emoe.v1.GenerateResponse\x12@\n\x0cGetModelInfo\x12\x1c.emoe.v1.GetModelInfoRequest\x1a\x12.emoe.v1.ModelInfo\x12\x39\n\x06\x43\x61ncel\x12\x16.emoe.v1.CancelRequest\x1a\x17.emoe.v1.CancelResponse\x12?\n\x08Tokenize\x12\x18.emoe.v1.TokenizeRequest\x1a\x19.emoe.v1.TokenizeResponse\x12\x45\n\nDetokenize\x12\x1a.emoe.v1.DetokenizeRequest\x1a\x1b.emoe.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65moe/v1/inference.proto\x12\x07\x65moe.v1\"\x86\x05\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\r\n\x05min_p\x18\x0c \x01(\x02\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12:\n\nlogit_bias\x18\x0e \x03(\x0b\x32&.emoe.v1.SamplingParams.LogitBiasEntry\x12\x1b\n\x13keep_special_tokens\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x08\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12 \n\x03top\x18\x04 \x03(\x0b\x32\x13.emoe.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"z\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.emoe.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xd6\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.emoe.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.emoe.v1.TokenLogprob\x12.\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x15.emoe.v1.TokenLogprob\"\x15\n\x13GetModelInfoRequest\"\xa8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nnum_groups\x18\x07 \x01(\r\x12\x11\n\ttransport\x18\x08 \x01(\t\x12\x43\n\x11sampling_defaults\x18\t \x03(\x0b\x32(.emoe.v1.ModelInfo.SamplingDefaultsEntry\x1a\x37\n\x15SamplingDefaultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x10\n\x0e\x43\x61ncelResponse\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\":\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\x94\x03\n\tInference\x12\x41\n\x08Generate\x12\x18.emoe.v1.GenerateRequest\x1a\x19.emoe.v1.GenerateResponse0\x01\x12?\n\x08\x43omplete\x12\x18.emoe.v1.GenerateRequest\x1a\x19.emoe.v1.GenerateResponse\x12@\n\x0cGetModelInfo\x12\x1c.emoe.v1.GetModelInfoRequest\x1a\x12.emoe.v1.ModelInfo\x12\x39\n\x06\x43\x61ncel\x12\x16.emoe.v1.CancelRequest\x1a\x17.emoe.v1.CancelResponse\x12?\n\x08Tokenize\x12\x18.emoe.v1.TokenizeRequest\x1a\x19.emoe.v1.TokenizeResponse\x12\x45\n\nDetokenize\x12\x1a.emoe.v1.DetokenizeRequest\x1a\x1b.emoe.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._loaded_options = None
   _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=37
-  _globals['_SAMPLINGPARAMS']._serialized_end=597
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=438
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=486
-  _globals['_GENERATEREQUEST']._serialized_start=599
-  _globals['_GENERATEREQUEST']._serialized_end=721
-  _globals['_USAGE']._serialized_start=723
-  _globals['_USAGE']._serialized_end=780
-  _globals['_GENERATERESPONSE']._serialized_start=782
-  _globals['_GENERATERESPONSE']._serialized_end=907
-  _globals['_GETMODELINFOREQUEST']._serialized_start=909
-  _globals['_GETMODELINFOREQUEST']._serialized_end=930
-  _globals['_MODELINFO']._serialized_start=933
-  _globals['_MODELINFO']._serialized_end=1229
-  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_start=1174
-  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_end=1229
-  _globals['_CANCELREQUEST']._serialized_start=1231
-  _globals['_CANCELREQUEST']._serialized_end=1266
-  _globals['_CANCELRESPONSE']._serialized_start=1268
-  _globals['_CANCELRESPONSE']._serialized_end=1284
-  _globals['_TOKENIZEREQUEST']._serialized_start=1286
-  _globals['_TOKENIZEREQUEST']._serialized_end=1317
-  _globals['_TOKENIZERESPONSE']._serialized_start=1319
-  _globals['_TOKENIZERESPONSE']._serialized_end=1377
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1379
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1417
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1419
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1453
-  _globals['_INFERENCE']._serialized_start=1456
-  _globals['_INFERENCE']._serialized_end=1860
+  _globals['_SAMPLINGPARAMS']._serialized_end=683
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=491
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=539
+  _globals['_TOKENLOGPROB']._serialized_start=685
+  _globals['_TOKENLOGPROB']._serialized_end=782
+  _globals['_TOPLOGPROB']._serialized_start=784
+  _globals['_TOPLOGPROB']._serialized_end=831
+  _globals['_GENERATEREQUEST']._serialized_start=833
+  _globals['_GENERATEREQUEST']._serialized_end=955
+  _globals['_USAGE']._serialized_start=957
+  _globals['_USAGE']._serialized_end=1014
+  _globals['_GENERATERESPONSE']._serialized_start=1017
+  _globals['_GENERATERESPONSE']._serialized_end=1231
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1233
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1254
+  _globals['_MODELINFO']._serialized_start=1257
+  _globals['_MODELINFO']._serialized_end=1553
+  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_start=1498
+  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_end=1553
+  _globals['_CANCELREQUEST']._serialized_start=1555
+  _globals['_CANCELREQUEST']._serialized_end=1590
+  _globals['_CANCELRESPONSE']._serialized_start=1592
+  _globals['_CANCELRESPONSE']._serialized_end=1608
+  _globals['_TOKENIZEREQUEST']._serialized_start=1610
+  _globals['_TOKENIZEREQUEST']._serialized_end=1641
+  _globals['_TOKENIZERESPONSE']._serialized_start=1643
+  _globals['_TOKENIZERESPONSE']._serialized_end=1701
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1703
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1741
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1743
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1777
+  _globals['_INFERENCE']._serialized_start=1780
+  _globals['_INFERENCE']._serialized_end=2184
 # @@protoc_insertion_point(module_scope)
