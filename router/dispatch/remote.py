@@ -92,9 +92,12 @@ class ReplicaPool:
         ]
 
     async def acquire(self, group: int, exclude: set[str], deadline: float, version: int = 0) -> Replica:
+        """The least-loaded healthy replica not in `exclude`; with none, one already tried whose failure
+        cooldown has passed (a transient failure, e.g. a replica slowed by a neighbour's restart, is
+        retried, not waited out until the deadline); with none at all, waits for one to register."""
         while True:
             self.refresh()
-            candidates = self.healthy(group, exclude, version)
+            candidates = self.healthy(group, exclude, version) or self.healthy(group, set(), version)
             if candidates:
                 return min(candidates, key=lambda r: r.outstanding)
             if time.monotonic() >= deadline:
