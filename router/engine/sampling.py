@@ -98,10 +98,8 @@ def sample(
 
 
 def _modifies(seqs: Sequence[SequenceSampling]) -> bool:
-    return any(
-        s.params.logit_bias or s.params.min_tokens or s.params.has_penalties or s.params.temperature > 0
-        for s in seqs
-    )
+    """Whether a stage writes into the logits in place (bias, min_tokens, penalties); the draw does not."""
+    return any(s.params.logit_bias or s.params.min_tokens or s.params.has_penalties for s in seqs)
 
 
 def _bias_and_min_tokens(x: torch.Tensor, seqs: Sequence[SequenceSampling]) -> None:
