@@ -55,6 +55,9 @@ class AppConfig(BaseModel):
         "calls (pays where the experts have their own GPUs or hosts; costs a second read of expert weights)",
     )
     max_queue: int = Field(256, ge=0, description="waiting requests per router before RESOURCE_EXHAUSTED")
+    grammar_timeout_s: float = Field(
+        10.0, gt=0, description="a structured-output schema / regex / grammar compiling longer is a 400"
+    )
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
     generation_config: Literal["auto", "ignore"] = Field(
         "auto",
@@ -122,6 +125,7 @@ class AppConfig(BaseModel):
             micro_batches=self.micro_batches,
             max_queue=self.max_queue,
             max_context=max_context,
+            grammar_timeout_s=self.grammar_timeout_s,
         )
 
     def to_args(self) -> dict[str, Any]:

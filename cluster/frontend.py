@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import SecretStr
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.config import AppConfig, parse_config
 from cluster.errors import Unauthenticated, add_error_observer
@@ -23,7 +23,7 @@ from cluster.grpc_server import start_grpc_server
 from cluster.http_api import build_http_app
 from cluster.ops import OpsState
 from cluster.ops_http import add_ops_routes
-from emoe.api import GenerateChunk, GenerateRequest, ModelInfo
+from emoe.api import GenerateChunk, GenerateRequest, InvalidRequest, ModelInfo, Overloaded
 from emoe.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,11 @@ class RouterBackend:
             async for chunk in gen:
                 finished = bool(chunk.finish_reason)
                 yield chunk
+        except RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, InvalidRequest | Overloaded):  # the client's error (e.g. a bad grammar)
+                raise cause from None
+            raise
         finally:
             self._live.pop(request.request_id, None)
             if not finished:  # the consumer went away: stop the router's generation (frees its KV blocks)

@@ -23,6 +23,7 @@ from cluster.errors import classify, client_message
 from emoe.api import (
     GenerateChunk,
     GenerateRequest,
+    GrammarSpec,
     InferenceBackend,
     InvalidRequest,
     ModelInfo,
@@ -168,6 +169,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             skip_special_tokens=not s.keep_special_tokens,
             logprobs=s.logprobs if s.HasField("logprobs") else None,
             prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
+            structured=_structured(s),
         )
         validate_budget(info, len(ids), sampling)
         return GenerateRequest(request_id, tuple(ids), sampling, prompt_text=request.prompt)
@@ -229,3 +231,22 @@ async def abort(context, exc: BaseException, request_id: str = "") -> NoReturn:
         message = client_message(exc)
     await context.abort(code, message)
     raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def _structured(s: pb.SamplingParams) -> GrammarSpec | None:
+    """SamplingParams.structured as a GrammarSpec (None when unset)."""
+    if not s.HasField("structured"):
+        return None
+    kind = s.structured.WhichOneof("kind")
+    where = f"sampling.structured.{kind}"
+    if kind is None:
+        raise InvalidRequest(
+            "sampling.structured", "set one of json_schema, json_object, regex, choice, grammar"
+        )
+    if kind == "json_schema":
+        return GrammarSpec("json", s.structured.json_schema, field=where)
+    if kind == "json_object":
+        return GrammarSpec("json_object", field=where) if s.structured.json_object else None
+    if kind == "choice":
+        return GrammarSpec("choice", choices=tuple(s.structured.choice.choices), field=where)
+    return GrammarSpec(kind, getattr(s.structured, kind), field=where)

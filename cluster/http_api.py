@@ -11,7 +11,7 @@ Contract:
   over MAX_BODY_BYTES gets Starlette's plain-text 413; an error after a stream's headers went out is sent
   as a final `data: {"error": ...}` event without `[DONE]`.
 - A `model` other than the served one is 400 `invalid_request_error` with param "model" (an omitted model
-  means the served one). Unsupported OpenAI features (suffix, best_of, tools, non-text response_format)
+  means the served one). Unsupported OpenAI features (suffix, best_of, tools)
   are 400 naming the field, never ignored; unknown fields are ignored.
 - Logprobs (`cluster/openai_logprobs.py`) are the raw model's; completions' `echo` sends the prompt first
   (with its logprobs when `logprobs` is set: what lm-eval's loglikelihood reads).
@@ -234,6 +234,7 @@ class _Api:
             skip_special_tokens=body.skip_special_tokens,
             logprobs=body.requested_logprobs(),
             prompt_logprobs=body.requested_logprobs() if getattr(body, "echo", False) else None,
+            structured=body.grammar(),
         )
         validate_budget(info, len(ids), sampling)
         return GenerateRequest(reply.request_id, tuple(ids), sampling, prompt_text=text)

@@ -7,6 +7,7 @@ field asking for more, which the app turns into a 400.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from emoe.api import GenerateChunk, InvalidRequest, validate_prompt
+from emoe.api import GenerateChunk, GrammarSpec, InvalidRequest, validate_prompt
 
 MAX_STOP_STRINGS = 16
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
@@ -44,6 +45,8 @@ class RequestBody(BaseModel):
     min_p: float = 0.0  # extension (vLLM)
     min_tokens: StrictInt = 0  # extension (vLLM)
     skip_special_tokens: bool = True  # extension (vLLM)
+    response_format: dict[str, Any] | None = None  # text | json_object | json_schema
+    structured_outputs: dict[str, Any] | None = None  # extension (vLLM): json | regex | choice | grammar
 
     # OpenAI features this server does not do: field -> the values that ask for nothing (else 400)
     NEUTRAL: ClassVar[dict[str, tuple]] = {}
@@ -71,6 +74,19 @@ class RequestBody(BaseModel):
                 raise InvalidRequest("logit_bias", f"the bias of {tok} is not a number: {bias!r}")
             pairs.append((tok, float(bias)))
         return tuple(pairs)
+
+    def grammar(self) -> GrammarSpec | None:
+        """The structured-output constraint of `response_format` or vLLM's `structured_outputs`, if any."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            if self.response_format.get("type", "text") != "text":
+                raise InvalidRequest(
+                    "structured_outputs", "give response_format or structured_outputs, not both"
+                )
+        if self.structured_outputs is not None:
+            return structured_outputs_spec(self.structured_outputs)
+        if self.response_format is not None:
+            return response_format_spec(self.response_format)
+        return None
 
     def ignored_fields(self) -> list[str]:
         """Fields this server does not know (sent by clients and benchmark tools); they change nothing."""
@@ -114,11 +130,9 @@ class ChatBody(RequestBody):
     logprobs: bool | None = None
     top_logprobs: StrictInt | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
     NEUTRAL = {
         **RequestBody.NEUTRAL,
         "tools": (None, []),
-        "response_format": (None, {"type": "text"}),
     }
 
     def requested_max_tokens(self) -> int | None:
@@ -130,6 +144,59 @@ class ChatBody(RequestBody):
                 raise InvalidRequest("top_logprobs", "needs logprobs: true")
             return None
         return self.top_logprobs or 0
+
+
+def response_format_spec(fmt: dict[str, Any]) -> GrammarSpec | None:
+    """OpenAI's `response_format`: {"type": "text"} (nothing), {"type": "json_object"}, or
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}."""
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json_object", field="response_format")
+    if kind == "json_schema":
+        inner = fmt.get("json_schema")
+        where = "response_format.json_schema"
+        if not isinstance(inner, dict):
+            raise InvalidRequest(where, "must be an object with a `schema`")
+        schema = inner.get("schema", inner.get("json_schema"))
+        if not isinstance(schema, dict):
+            raise InvalidRequest(f"{where}.schema", "must be a JSON schema object")
+        return GrammarSpec("json", json.dumps(schema), field=f"{where}.schema")
+    raise InvalidRequest("response_format.type", f"must be text, json_object or json_schema, got {kind!r}")
+
+
+STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def structured_outputs_spec(so: dict[str, Any]) -> GrammarSpec | None:
+    """vLLM's `structured_outputs`: exactly one of json (a schema, object or text), regex, choice (a list
+    of strings), grammar (EBNF) or json_object (true)."""
+    unknown = sorted(set(so) - set(STRUCTURED_KEYS) - {"disable_any_whitespace", "disable_fallback"})
+    if unknown:
+        raise InvalidRequest(f"structured_outputs.{unknown[0]}", "not supported by this server")
+    given = [k for k in STRUCTURED_KEYS if so.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise InvalidRequest(
+            "structured_outputs", f"give exactly one of {', '.join(STRUCTURED_KEYS)}; got {len(given)}"
+        )
+    key = given[0]
+    value, where = so[key], f"structured_outputs.{key}"
+    if key == "json":
+        if isinstance(value, dict | bool):
+            value = json.dumps(value)
+        if not isinstance(value, str):
+            raise InvalidRequest(where, "must be a JSON schema (an object or its JSON text)")
+        return GrammarSpec("json", value, field=where)
+    if key == "json_object":
+        return GrammarSpec("json_object", field=where)
+    if key == "choice":
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise InvalidRequest(where, "must be a list of strings")
+        return GrammarSpec("choice", choices=tuple(value), field=where)
+    if not isinstance(value, str):
+        raise InvalidRequest(where, "must be a string")
+    return GrammarSpec(key, value, field=where)
 
 
 MAX_PROMPTS = 64  # prompts in one batched completions request

@@ -21,13 +21,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from emoe.api import GenerateChunk, GenerateRequest, Overloaded, TokenLogprob, UnknownRequest
+from emoe.api import (
+    GenerateChunk,
+    GenerateRequest,
+    InvalidRequest,
+    Overloaded,
+    TokenLogprob,
+    UnknownRequest,
+)
 from emoe.metrics import Histogram
 from emoe.spec import ModelSpec
 from emoe.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.dispatch import Dispatcher
 from router.engine.sampling import SequenceSampling, prompt_logprobs, sample, stop_token_set
 from router.engine.scheduler import BlockManager, Scheduler, Sequence, Status
+from router.engine.structured import Grammars, Matcher
 from router.model import KVPool, PagedDecode, PagedSequenceCache, RouterModel, Segment, Segments
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,7 @@ class EngineConfig:
     # runs while the other's tokens are at the (remote) experts. Each expert group then reads its weights
     # twice per step, so it pays only where the experts are elsewhere and the router's work is comparable.
     micro_batches: int = 1
+    grammar_timeout_s: float = 10.0  # a structured-output grammar that compiles longer is a 400
 
 
 @dataclass
@@ -89,10 +98,12 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.on_step = None  # optional callable(seconds, chunks) after each step (benchmarks)
+        self._grammars: Grammars | None = None
 
     # ---- public --------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        seq = self._admit(request)
+        grammar = await self._grammar(request) if request.sampling.structured is not None else None
+        seq = self._admit(request, grammar)
         state: RequestState = seq.state
         try:
             while True:
@@ -131,7 +142,31 @@ class AsyncEngine:
             "e2e_s": self.e2e.to_dict(),
         }
 
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise InvalidRequest("structured_outputs", "this engine has no tokenizer to compile grammars")
+            self._grammars = Grammars(
+                self.tokenizer.path,
+                self.spec.vocab_size,
+                tuple(self.spec.eos_token_ids),
+                timeout_s=self.config.grammar_timeout_s,
+            )
+        return self._grammars
+
+    async def _grammar(self, request: GenerateRequest) -> Matcher:
+        """The request's grammar matcher (compiled off the loop), advanced past the output tokens a resumed
+        request carries at the end of its prompt."""
+        matcher = await self.grammars.matcher(request.sampling.structured)
+        if request.resume_offset:
+            for tok in request.prompt_token_ids[-request.resume_offset :]:
+                matcher.accept(tok)
+        return matcher
+
     async def close(self) -> None:
+        if self._grammars is not None:
+            self._grammars.close()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -141,7 +176,7 @@ class AsyncEngine:
             self._task = None
 
     # ---- admission and cancellation ------------------------------------------------------------
-    def _admit(self, request: GenerateRequest) -> Sequence:
+    def _admit(self, request: GenerateRequest, grammar: Matcher | None = None) -> Sequence:
         if request.request_id in self.seqs:
             raise ValueError(f"request_id {request.request_id!r} is already running")
         if len(self.scheduler.waiting) >= self.config.max_queue:
@@ -159,7 +194,7 @@ class AsyncEngine:
             else None
         )
         seq = Sequence(request.request_id, list(request.prompt_token_ids), max_tokens)
-        sampling = SequenceSampling(p, stops, seq.prompt, seq.output, request.resume_offset)
+        sampling = SequenceSampling(p, stops, seq.prompt, seq.output, request.resume_offset, grammar=grammar)
         seq.state = RequestState(request, sampling, asyncio.Queue(), detok, stops)
         if p.prompt_logprobs is not None:
             seq.state.prompt_logprobs = [None] * len(seq.prompt)
@@ -289,8 +324,11 @@ class AsyncEngine:
         state.last_token_at = now
         text = state.detok.add([tok]) if state.detok else ""
         finish = None
+        grammar = state.sampling.grammar
         if tok in state.stops:
             finish = "stop"
+        elif grammar is not None and (not grammar.accept(tok) or grammar.is_terminated()):
+            finish = "stop"  # the grammar is complete (or, with ignore_eos, only a stop token could follow)
         elif len(seq.output) >= seq.max_tokens:
             finish = "length"
         text, hit = self._hold_back(state, text, final=finish is not None)

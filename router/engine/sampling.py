@@ -5,7 +5,8 @@ no per-sequence Python loop over the vocabulary):
 
 1. logprobs, when any row asks for them: the log-softmax of the raw logits (vLLM's default,
    `raw_logprobs`: what the model predicts, before any of the processing below);
-2. `logit_bias` (added), `min_tokens` (stop tokens masked until that many tokens were generated);
+2. `logit_bias` (added), `min_tokens` (stop tokens masked until that many tokens were generated), the
+   structured-output grammar's token bitmask (router/engine/structured.py; tokens it forbids -> -inf);
 3. penalties: repetition (tokens of the prompt or the output: logit / p where positive, * p where not),
    then frequency (minus f per occurrence in the output) and presence (minus p once per token in it);
 4. greedy rows (temperature 0) take the argmax here; sampled rows: temperature, min_p, top_k, top_p;
@@ -21,10 +22,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from emoe.api import SamplingParams, TokenLogprob
+from router.engine.structured import apply_bitmask
 
 __all__ = ["SamplingParams", "SequenceSampling", "sample", "stop_token_set"]
 
@@ -47,6 +50,7 @@ class SequenceSampling:
     output: list[int] = field(default_factory=list)
     offset: int = 0
     seed: int | None = None  # the draw's seed: params.seed, else none (an unseeded batch draw)
+    grammar: Any = None  # a structured.Matcher where the request has params.structured
     _prompt_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -84,6 +88,9 @@ def sample(
     if x is logits and _modifies(seqs):
         x = x.clone()
     _bias_and_min_tokens(x, seqs)
+    constrained = [r for r, s in enumerate(seqs) if s.grammar is not None]
+    if constrained:
+        apply_bitmask(x, constrained, [seqs[r].grammar for r in constrained])
     _penalties(x, seqs)
 
     tokens = torch.empty(batch, dtype=torch.long)
@@ -98,8 +105,12 @@ def sample(
 
 
 def _modifies(seqs: Sequence[SequenceSampling]) -> bool:
-    """Whether a stage writes into the logits in place (bias, min_tokens, penalties); the draw does not."""
-    return any(s.params.logit_bias or s.params.min_tokens or s.params.has_penalties for s in seqs)
+    """Whether a stage writes into the logits in place (bias, min_tokens, grammar, penalties); the draw
+    does not."""
+    return any(
+        s.params.logit_bias or s.params.min_tokens or s.params.has_penalties or s.grammar is not None
+        for s in seqs
+    )
 
 
 def _bias_and_min_tokens(x: torch.Tensor, seqs: Sequence[SequenceSampling]) -> None:

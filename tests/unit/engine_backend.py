@@ -13,9 +13,9 @@ MODEL = "demo-moe"
 class EngineBackend:
     """The serving engine in process, as the HTTP app's backend."""
 
-    def __init__(self, engine: Engine, tok: Tokenizer):
+    def __init__(self, engine: Engine, tok: Tokenizer, config: EngineConfig | None = None):
         self.engine, self.tok = engine, tok
-        self.ae = AsyncEngine(engine.spec, engine.model, engine.dispatcher, EngineConfig(), tok)
+        self.ae = AsyncEngine(engine.spec, engine.model, engine.dispatcher, config or EngineConfig(), tok)
 
     def info(self) -> ModelInfo:
         spec = self.engine.spec
