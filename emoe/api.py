@@ -18,7 +18,10 @@ class InvalidRequest(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
+
+    def __reduce__(self):  # pickles with both arguments (Ray carries it from the router to the Frontend)
+        return (type(self), (self.field, self.message))
 
 
 class Overloaded(RuntimeError):
