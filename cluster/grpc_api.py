@@ -32,6 +32,7 @@ from emoe.api import (
     validate_budget,
     validate_prompt,
 )
+from emoe.fanout import MAX_N, choice, fan_out
 from emoe.v1 import inference_pb2 as pb
 from emoe.v1 import inference_pb2_grpc as pb_grpc
 
@@ -52,38 +53,44 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.default_max_tokens = default_max_tokens
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        req = await self._admit(request, context)
+        reqs = await self._admit(request, context)
         try:
-            async with contextlib.aclosing(self._responses(req)) as responses:
+            async with contextlib.aclosing(self._responses(reqs)) as responses:
                 async for response in responses:
                     yield response
         except (asyncio.CancelledError, GeneratorExit):
-            await self._cancel_backend(req.request_id)
+            await self._cancel_backend(reqs[0].request_id)
             raise
         except Exception as e:
-            await abort(context, e, req.request_id)
+            await abort(context, e, reqs[0].request_id)
 
     async def Complete(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        req = await self._admit(request, context)
-        whole = pb.GenerateResponse(request_id=req.request_id)
-        texts: list[str] = []
+        reqs = await self._admit(request, context)
+        request_id = reqs[0].request_id
+        wholes = [pb.GenerateResponse(request_id=request_id, index=i) for i in range(len(reqs))]
+        texts: list[list[str]] = [[] for _ in reqs]
         try:
-            async with contextlib.aclosing(self._responses(req)) as responses:
+            async with contextlib.aclosing(self._responses(reqs)) as responses:
                 async for part in responses:
+                    whole = wholes[part.index]
                     whole.token_ids.extend(part.token_ids)
                     whole.logprobs.extend(part.logprobs)
                     whole.prompt_logprobs.extend(part.prompt_logprobs)
-                    texts.append(part.text)
+                    texts[part.index].append(part.text)
                     if part.finish_reason:
                         whole.finish_reason = part.finish_reason
                         whole.usage.CopyFrom(part.usage)
         except asyncio.CancelledError:
-            await self._cancel_backend(req.request_id)
+            await self._cancel_backend(request_id)
             raise
         except Exception as e:
-            await abort(context, e, req.request_id)
-        whole.text = "".join(texts)
-        return whole
+            await abort(context, e, request_id)
+        for whole, parts in zip(wholes, texts, strict=True):
+            whole.text = "".join(parts)
+        first = wholes[0]
+        if len(wholes) > 1:
+            first.choices.extend(wholes)
+        return first
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         try:
@@ -129,11 +136,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except Exception as e:
             await abort(context, e)
 
-    async def _admit(self, request: pb.GenerateRequest, context) -> GenerateRequest:
-        """The validated request, or the call aborted (INVALID_ARGUMENT naming the field)."""
+    async def _admit(self, request: pb.GenerateRequest, context) -> list[GenerateRequest]:
+        """The validated request, one per choice of `sampling.n`, or the call aborted (INVALID_ARGUMENT
+        naming the field)."""
         try:
             info = self.backend.info()
-            return await asyncio.to_thread(self.to_request, request, info)  # tokenizing takes a while
+            n = request.sampling.n or 1
+            if not 1 <= n <= MAX_N:
+                raise InvalidRequest("sampling.n", f"must be in [1, {MAX_N}], got {n}")
+            req = await asyncio.to_thread(self.to_request, request, info)  # tokenizing takes a while
+            return [choice(req, k, n) for k in range(n)]
         except Exception as e:
             await abort(context, e, request.request_id[:MAX_REQUEST_ID_CHARS])
 
@@ -174,22 +186,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         validate_budget(info, len(ids), sampling)
         return GenerateRequest(request_id, tuple(ids), sampling, prompt_text=request.prompt)
 
-    async def _responses(self, req: GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """One message per backend chunk with tokens or text; the last has finish_reason and usage.
+    async def _responses(self, reqs: list[GenerateRequest]) -> AsyncIterator[pb.GenerateResponse]:
+        """One message per backend chunk with tokens or text, tagged with its choice's index; each
+        choice's last has finish_reason and usage.
 
-        Usage is the backend's (the last chunk's counts). A backend stream that ends without a
+        Usage is the backend's (the last chunk's counts). A choice whose stream ends without a
         finish_reason (cancelled through Cancel) ends with finish_reason "abort" and the usage so far.
         """
-        last = req.empty_chunk()
-        stream = self.backend.generate(req)
+        request_id = reqs[0].request_id.rsplit("/", 1)[0] if len(reqs) > 1 else reqs[0].request_id
+        lasts = {i: r.empty_chunk() for i, r in enumerate(reqs)}
+        done: set[int] = set()
+        stream = fan_out(self.backend, reqs)
         try:
             async for chunk in stream:
-                last = chunk
+                lasts[chunk.index] = chunk
                 if chunk.token_ids or chunk.text or chunk.finish_reason:
-                    yield _response(req, chunk)
+                    yield _response(request_id, chunk)
                 if chunk.finish_reason:
-                    return
-            yield _response(req, dataclasses.replace(last, token_ids=[], text="", finish_reason="abort"))
+                    done.add(chunk.index)
+                    if len(done) == len(reqs):
+                        return
+            for i in sorted(set(lasts) - done):
+                ended = dataclasses.replace(lasts[i], token_ids=[], text="", finish_reason="abort", index=i)
+                yield _response(request_id, ended)
         finally:
             await stream.aclose()
 
@@ -201,12 +220,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             log.debug("cancel of %s after client cancellation: %r", request_id, e)
 
 
-def _response(req: GenerateRequest, chunk: GenerateChunk) -> pb.GenerateResponse:
+def _response(request_id: str, chunk: GenerateChunk) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         token_ids=list(chunk.token_ids),
         text=chunk.text,
         finish_reason=chunk.finish_reason or "",
-        request_id=req.request_id,
+        request_id=request_id,
+        index=chunk.index,
     )
     response.logprobs.extend(_logprob(e) for e in chunk.logprobs or ())
     response.prompt_logprobs.extend(_logprob(e) for e in (chunk.prompt_logprobs or [None])[1:])

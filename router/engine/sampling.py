@@ -90,7 +90,7 @@ def sample(
     _bias_and_min_tokens(x, seqs)
     constrained = [r for r, s in enumerate(seqs) if s.grammar is not None]
     if constrained:
-        apply_bitmask(x, constrained, [seqs[r].grammar for r in constrained])
+        apply_bitmask(x, constrained, [seqs[r].grammar for r in constrained], unmasked=logits)
     _penalties(x, seqs)
 
     tokens = torch.empty(batch, dtype=torch.long)

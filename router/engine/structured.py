@@ -179,14 +179,26 @@ class Matcher:
         return bool((bitmask != 0).any())
 
 
-def apply_bitmask(x: torch.Tensor, rows: list[int], matchers: list[Matcher]) -> None:
-    """Masks (to -inf) the tokens each matcher's grammar forbids next, in rows `rows` of x [B, V]."""
+def apply_bitmask(
+    x: torch.Tensor, rows: list[int], matchers: list[Matcher], unmasked: torch.Tensor | None = None
+) -> None:
+    """Masks (to -inf) the tokens each matcher's grammar forbids next, in rows `rows` of x [B, V]. A row
+    left with no token at all (the grammar allows only what min_tokens or logit_bias masked, e.g. a stop
+    token once the JSON is complete) takes its `unmasked` logits under the grammar's mask instead: the
+    grammar wins over min_tokens, as a sequence must be able to end."""
     import xgrammar as xgr
 
     bitmask = xgr.allocate_token_bitmask(x.shape[0], x.shape[1])
     for r, m in zip(rows, matchers, strict=True):
         m.fill(bitmask, r)
     xgr.apply_token_bitmask_inplace(x, bitmask, indices=rows)
+    if unmasked is None:
+        return
+    dead = torch.isneginf(x[rows]).all(dim=1).tolist()
+    stuck = [r for r, d in zip(rows, dead, strict=True) if d]
+    if stuck:
+        x[stuck] = unmasked[stuck].to(x.dtype)
+        xgr.apply_token_bitmask_inplace(x, bitmask, indices=stuck)
 
 
 def _key(spec: GrammarSpec) -> GrammarSpec:

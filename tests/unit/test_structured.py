@@ -191,3 +191,18 @@ def test_resumed_request_continues_its_grammar(model):
     resumed = GenerateRequest("r9~1", prompt, sampling, resume_offset=len(done))
     (rest,), _ = run(engine, tok, EngineConfig(), resumed)
     assert re.fullmatch(regex, tok.decode(done) + rest[0]) and rest[1] == "stop"
+
+
+def test_a_complete_grammar_ends_the_sequence_despite_min_tokens(model):
+    """Once the grammar allows only a stop token, min_tokens (which masks it) yields to the grammar: the
+    output is the grammar's text and ends with "stop", not a token drawn from an all-masked row."""
+    engine, tok = model
+    sampling = SamplingParams(
+        max_tokens=20,
+        min_tokens=10,
+        temperature=1.0,
+        seed=1,
+        structured=GrammarSpec("choice", choices=("ok",)),
+    )
+    (result,), _ = run(engine, tok, EngineConfig(), GenerateRequest("m", tuple(tok.encode("Say")), sampling))
+    assert result == ("ok", "stop")

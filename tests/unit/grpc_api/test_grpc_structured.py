@@ -76,3 +76,26 @@ def test_bad_structured_is_invalid_argument(address, structured, field):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith(field), err.value.details()
         assert c.complete("x", max_tokens=2, ignore_eos=True).finish_reason == "length"  # still serving
+
+
+def test_n_choices_over_grpc(address):
+    """SamplingParams.n: Generate streams the choices tagged by index, each ending with its own finish and
+    usage; Complete returns them all in `choices`; choice k is seeded with seed + k."""
+    with InferenceClient(address) as c:
+        whole = c.complete("Once", max_tokens=6, temperature=1.0, seed=11, n=3, ignore_eos=True)
+        messages = list(c.generate("Once", max_tokens=6, temperature=1.0, seed=11, n=3, ignore_eos=True))
+        alone = [
+            c.complete("Once", max_tokens=6, temperature=1.0, seed=11 + k, ignore_eos=True) for k in range(3)
+        ]
+        with pytest.raises(grpc.RpcError) as err:
+            c.complete("Once", max_tokens=2, n=17)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.n" in err.value.details()
+    assert [ch.index for ch in whole.choices] == [0, 1, 2]
+    assert [list(ch.token_ids) for ch in whole.choices] == [list(a.token_ids) for a in alone]
+    assert list(whole.token_ids) == list(alone[0].token_ids)
+    streamed = {k: [t for m in messages if m.index == k for t in m.token_ids] for k in range(3)}
+    assert streamed == {k: list(alone[k].token_ids) for k in range(3)}
+    finals = [m for m in messages if m.finish_reason]
+    assert sorted(m.index for m in finals) == [0, 1, 2]
+    assert all(m.usage.completion_tokens == 6 and m.finish_reason == "length" for m in finals)
+    assert len({m.request_id for m in messages}) == 1
