@@ -55,6 +55,14 @@ class AppConfig(BaseModel):
         "calls (pays where the experts have their own GPUs or hosts; costs a second read of expert weights)",
     )
     max_queue: int = Field(256, ge=0, description="waiting requests per router before RESOURCE_EXHAUSTED")
+    tool_call_parser: str = Field(
+        "auto",
+        description="tool-call format of the chat API: auto (the model family's), minimax_m2, hermes, deepseek_v3, "
+        "glm4_moe",
+    )
+    reasoning_parser: str = Field(
+        "auto", description="reasoning split of the chat API: auto (the model family's), think, none"
+    )
     grammar_timeout_s: float = Field(
         10.0, gt=0, description="a structured-output schema / regex / grammar compiling longer is a 400"
     )

@@ -136,6 +136,8 @@ class Frontend:
             model_name=self.cfg.served_name,
             api_token=_secret(self.cfg.api_token),
             on_ignored=self.ops.count_ignored,
+            tool_call_parser=self.cfg.tool_call_parser,
+            reasoning_parser=self.cfg.reasoning_parser,
         )
         add_ops_routes(app, self.ops, self.registry, _secret(self.cfg.admin_token))
         return app

@@ -1,7 +1,9 @@
 """The Frontend's OpenAI-compatible HTTP API: a FastAPI app over an injected `InferenceBackend`.
 
-Endpoints: `GET /health` (always open), `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`,
-and the tokenizer endpoints of `cluster/http_tokenizer.py`.
+Endpoints: `GET /health` (always open), `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
+(tools, tool_choice, reasoning: cluster/openai_agent.py), Anthropic's `POST /v1/messages` and
+`/v1/messages/count_tokens` (cluster/anthropic_api.py), and the tokenizer endpoints of
+`cluster/http_tokenizer.py`.
 
 Contract:
 - Errors have OpenAI's shape `{"error": {"message", "type", "param", "code": null}}`. Statuses come from
@@ -11,11 +13,12 @@ Contract:
   over MAX_BODY_BYTES gets Starlette's plain-text 413; an error after a stream's headers went out is sent
   as a final `data: {"error": ...}` event without `[DONE]`.
 - A `model` other than the served one is 400 `invalid_request_error` with param "model" (an omitted model
-  means the served one). Unsupported OpenAI features (suffix, best_of, tools)
+  means the served one). Unsupported OpenAI features (suffix, best_of)
   are 400 naming the field, never ignored; unknown fields are ignored.
 - Logprobs (`cluster/openai_logprobs.py`) are the raw model's; completions' `echo` sends the prompt first
   (with its logprobs when `logprobs` is set: what lm-eval's loglikelihood reads).
-- With `api_token`, every path except `/health` needs `Authorization: Bearer <token>` (else 401).
+- With `api_token`, every path except `/health` needs `Authorization: Bearer <token>` or `x-api-key: <token>`
+  (else 401).
 - A client that goes away, streaming or not, has its request cancelled at the backend
   (`backend.cancel(request_id)`, shielded from the handler's own cancellation); finished ones are not.
 - Streams are SSE (`data: {json}\n\n` ... `data: [DONE]\n\n`); a chat stream's first chunk carries the
@@ -40,6 +43,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.anthropic_api import add_anthropic_routes
+from cluster.anthropic_api import error_response as anthropic_error
 from cluster.errors import Unauthenticated, classify, client_message
 from cluster.http_stream import (
     ClientGone,
@@ -50,6 +55,15 @@ from cluster.http_stream import (
     unless_disconnected,
 )
 from cluster.http_tokenizer import add_tokenizer_routes
+from cluster.openai_agent import (
+    ToolSetup,
+    choice_output_factory,
+    forced_call_grammar,
+    reasoning_format,
+    template_messages,
+    tool_format,
+    tool_setup,
+)
 from cluster.openai_logprobs import LogprobFormat
 from cluster.openai_schema import (
     ChatBody,
@@ -62,6 +76,7 @@ from cluster.openai_schema import (
 )
 from emoe.api import (
     GenerateRequest,
+    GrammarSpec,
     InferenceBackend,
     InvalidRequest,
     SamplingParams,
@@ -83,6 +98,8 @@ def build_http_app(
     default_max_tokens: int = 16,
     default_temperature: float = 1.0,
     on_ignored: Callable[[list[str]], None] | None = None,
+    tool_call_parser: str = "auto",
+    reasoning_parser: str = "auto",
 ) -> FastAPI:
     """The OpenAI-compatible app (see the module docstring). `tokenizer` needs `encode` and
         `apply_chat_template`. `default_max_tokens` applies when a request gives none, lowered to fit the
@@ -91,13 +108,23 @@ def build_http_app(
     as vLLM does). `api_token=""` is refused (it would look set but guard nothing)."""
     if api_token is not None and not api_token:
         raise ValueError("api_token must be a non-empty string or None")
-    api = _Api(backend, tokenizer, model_name, default_max_tokens, default_temperature, on_ignored)
+    api = _Api(
+        backend,
+        tokenizer,
+        model_name,
+        default_max_tokens,
+        default_temperature,
+        on_ignored,
+        tool_call_parser,
+        reasoning_parser,
+    )
     app = FastAPI(title="elastic-moe", max_body_size=MAX_BODY_BYTES)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
     add_tokenizer_routes(app, tokenizer, backend.info, model_name)
+    add_anthropic_routes(app, api)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(InvalidRequest, _on_error)  # raised by routes: answered, not re-raised
@@ -119,6 +146,8 @@ class _Api:
     default_max_tokens: int
     default_temperature: float
     on_ignored: Callable[[list[str]], None] | None = None
+    tool_call_parser: str = "auto"  # a format of emoe/tool_parsers.py, or auto: the model family's
+    reasoning_parser: str = "auto"  # "think", "none", or auto: the model family's
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def models(self) -> Response:
@@ -191,8 +220,15 @@ class _Api:
         if ignored and self.on_ignored is not None:
             self.on_ignored(ignored)
         info = self.backend.info()
+        forced = None
         if isinstance(body, ChatBody):
-            prompts = [self._chat_prompt(body, info)]
+            setup = tool_setup(body.tools, body.tool_choice)
+            tool_fmt = tool_format(info.family, self.tool_call_parser)
+            prompts = [self._chat_prompt(body, info, setup)]
+            reply.output = choice_output_factory(
+                setup, tool_fmt, reasoning_format(info.family, self.reasoning_parser), prompts[0][1]
+            )
+            forced = forced_call_grammar(setup, tool_fmt)
         else:
             prompts = completion_prompts(body.prompt, info, self.tokenizer)
         reply.n = n = 1 if body.n is None else body.n
@@ -202,13 +238,21 @@ class _Api:
             reply.logprob_format = functools.partial(LogprobFormat, self.tokenizer, reply.chat)
         requests = []
         for p, (ids, text) in enumerate(prompts):
-            base = self._request(body, info, reply, ids, text)
+            base = self._request(body, info, reply, ids, text, forced)
             if getattr(body, "echo", False):
                 reply.echo[p] = (text if text else self.tokenizer.decode(ids), list(ids))
             requests += [choice(base, p * n + k, len(prompts) * n) for k in range(n)]
         return requests
 
-    def _request(self, body: RequestBody, info, reply: Reply, ids: list[int], text: str) -> GenerateRequest:
+    def _request(
+        self,
+        body: RequestBody,
+        info,
+        reply: Reply,
+        ids: list[int],
+        text: str,
+        forced: GrammarSpec | None = None,
+    ) -> GenerateRequest:
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:
             max_tokens = info.default_max_tokens(self.default_max_tokens, len(ids))
@@ -234,22 +278,35 @@ class _Api:
             skip_special_tokens=body.skip_special_tokens,
             logprobs=body.requested_logprobs(),
             prompt_logprobs=body.requested_logprobs() if getattr(body, "echo", False) else None,
-            structured=body.grammar(),
+            structured=_constraint(body.grammar(), forced),
         )
         validate_budget(info, len(ids), sampling)
         return GenerateRequest(reply.request_id, tuple(ids), sampling, prompt_text=text)
 
-    def _chat_prompt(self, body: ChatBody, info) -> tuple[list[int], str]:
+    def _chat_prompt(self, body: ChatBody, info, setup: ToolSetup) -> tuple[list[int], str]:
         import jinja2
 
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = template_messages(body.messages)
+        kwargs = dict(body.chat_template_kwargs or {})
+        for reserved in ("messages", "tools", "add_generation_prompt"):
+            if reserved in kwargs:
+                raise InvalidRequest(f"chat_template_kwargs.{reserved}", "set by the request itself")
+        tools = setup.tools if setup.mode != "none" else None
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=body.add_generation_prompt, tools=tools, **kwargs
+            )
             return validate_prompt(info, text, None, self.tokenizer.encode), text
         except jinja2.TemplateError as exc:
             raise InvalidRequest("messages", f"the chat template failed: {exc}") from exc
         except InvalidRequest as exc:
             raise InvalidRequest("messages", invalid_detail(exc)) from exc
+
+
+def _constraint(asked: GrammarSpec | None, forced: GrammarSpec | None) -> GrammarSpec | None:
+    if asked is not None and forced is not None:
+        raise InvalidRequest("tool_choice", "a forced tool call cannot be combined with response_format")
+    return asked or forced
 
 
 def _error_json(status: int, kind: str, message: str, param: str | None = None) -> tuple[int, dict]:
@@ -315,8 +372,11 @@ class _BearerAuth:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and not self._open(scope) and not self._authorized(scope):
-            error = Unauthenticated("missing or invalid bearer token (Authorization: Bearer <token>)")
-            await _error_response(error)(scope, receive, send)
+            error = Unauthenticated(
+                "missing or invalid API token (Authorization: Bearer <token> or x-api-key)"
+            )
+            anthropic = scope.get("path", "").endswith(("/v1/messages", "/v1/messages/count_tokens"))
+            await (anthropic_error(error) if anthropic else _error_response(error))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -327,5 +387,9 @@ class _BearerAuth:
         return path in OPEN_PATHS or path.startswith("/dashboard")
 
     def _authorized(self, scope) -> bool:
-        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._token)
+        headers = Headers(scope=scope)
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._token):
+            return True
+        key = headers.get("x-api-key")  # Anthropic's clients send the key here
+        return key is not None and hmac.compare_digest(key.strip().encode(), self._token)

@@ -59,7 +59,9 @@ async def sse_events(
         while chunk is not None:
             lasts[chunk.index] = chunk
             if chunk.text or chunk.finish_reason or chunk.logprobs or reply.echo_pending(chunk.index):
-                yield sse(reply.chunk(chunk))
+                event = reply.chunk(chunk)
+                if event is not None:
+                    yield sse(event)
             chunk = await anext(chunks, None)
         reply.finished = True
         if include_usage:

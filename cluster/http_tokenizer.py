@@ -14,6 +14,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, StrictInt
 
+from cluster.openai_agent import template_messages
 from cluster.openai_schema import ChatMessage
 from emoe import __version__
 from emoe.api import InvalidRequest, ModelInfo
@@ -47,7 +48,7 @@ def add_tokenizer_routes(
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequest("prompt", "give exactly one of prompt and messages")
         if body.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            messages = template_messages(body.messages)
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
         else:
             text = body.prompt

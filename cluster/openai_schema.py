@@ -109,7 +109,14 @@ class CompletionBody(RequestBody):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str
+    content: str | None = None  # null for an assistant turn that only calls tools
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = (
+        None  # an assistant's calls: {id, type, function: {name, arguments}}
+    )
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    reasoning: str | None = None  # a previous assistant turn's reasoning (templates that need it render it)
+    reasoning_content: str | None = None  # the same, under its older name
 
     @field_validator("content", mode="before")
     @classmethod
@@ -130,10 +137,11 @@ class ChatBody(RequestBody):
     logprobs: bool | None = None
     top_logprobs: StrictInt | None = None
     tools: list[Any] | None = None
-    NEUTRAL = {
-        **RequestBody.NEUTRAL,
-        "tools": (None, []),
-    }
+    tool_choice: Any = None  # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM): template variables
+    add_generation_prompt: bool = True  # extension (vLLM)
+    continue_final_message: bool = False  # extension (vLLM)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
@@ -252,6 +260,9 @@ class Reply:
     n: int = 1  # choices per prompt
     logprob_format: Callable[[], Callable[..., dict]] | None = None  # a formatter per choice, when asked
     echo: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # prompt -> (text, ids)
+    # chat: a maker of the per-choice split into reasoning / content / tool calls (cluster/openai_agent.py)
+    output: Callable[[], Any] | None = None
+    _outputs: dict[int, Any] = field(default_factory=dict)
     _formats: dict[int, Callable[..., dict]] = field(default_factory=dict)
     _echoed: set[int] = field(default_factory=set)
 
@@ -282,14 +293,35 @@ class Reply:
         choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
         return self._envelope("chat.completion.chunk", [{**choice, "finish_reason": None}])
 
-    def chunk(self, c: GenerateChunk) -> dict:
+    def _split(self, index: int):
+        if self.output is None:
+            return None
+        if index not in self._outputs:
+            self._outputs[index] = self.output()
+        return self._outputs[index]
+
+    def _finish(self, index: int, reason: str | None) -> str | None:
+        """finish_reason: "tool_calls" where the choice called a tool and ended by itself."""
+        split = self._split(index)
+        return "tool_calls" if reason == "stop" and split is not None and split.called else reason
+
+    def chunk(self, c: GenerateChunk) -> dict | None:
+        """The stream event of a backend chunk, or None when it has nothing to send yet (text the chat
+        output parsers hold back until they know whether it is markup)."""
         lp = self._logprobs(c.index, c.logprobs, c.prompt_logprobs)
         if not self.chat:
             text = self._echo_text(c.index) + c.text
             choice = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
             return self._envelope("text_completion", [choice])
-        delta = {"content": c.text} if c.text else {}
-        choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason}
+        split = self._split(c.index)
+        if split is None:
+            delta = {"content": c.text} if c.text else {}
+        else:
+            delta = split.feed(c.text, final=bool(c.finish_reason))
+            if not delta and not c.finish_reason and not lp:
+                return None
+        finish = self._finish(c.index, c.finish_reason)
+        choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         return self._envelope("chat.completion.chunk", [choice])
 
     def usage(self, lasts: dict[int, GenerateChunk]) -> dict:
@@ -309,10 +341,17 @@ class Reply:
         for index in sorted(choices):
             text, last, entries, prompt = choices[index]
             lp = self._logprobs(index, entries, prompt)
+            finish = last.finish_reason
             if self.chat:
-                body = {"message": {"role": "assistant", "content": text}}
+                split = self._split(index)
+                if split is None:
+                    body = {"message": {"role": "assistant", "content": text}}
+                else:
+                    split.feed(text, final=True)
+                    body = {"message": split.message()}
+                    finish = self._finish(index, finish)
             else:
                 body = {"text": self._echo_text(index) + text}
-            out.append({"index": index, **body, "logprobs": lp, "finish_reason": last.finish_reason})
+            out.append({"index": index, **body, "logprobs": lp, "finish_reason": finish})
         kind = "chat.completion" if self.chat else "text_completion"
         return self._envelope(kind, out, usage=self.usage({i: c[1] for i, c in choices.items()}))

@@ -35,14 +35,15 @@ class UnknownRequest(KeyError):
 MAX_LOGPROBS = 20  # top-N logprobs per position, as OpenAI and vLLM allow
 MAX_LOGIT_BIAS = 1024  # entries in a logit_bias map
 MAX_GRAMMAR_CHARS = 64 * 1024  # a JSON schema, regex, grammar or the choices, in characters
-GRAMMAR_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+GRAMMAR_KINDS = ("json", "json_object", "regex", "choice", "grammar", "tool_call")
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
     """A structured-output constraint: `kind` is "json" (a JSON schema, as JSON text), "json_object" (any
     JSON object), "regex", "choice" (`choices`: exactly one of these strings) or "grammar" (EBNF, GBNF
-    style). `field` names the request field it came from, for errors."""
+    style) or "tool_call" (a forced tool call: JSON {"format", "tools": [{"name", "parameters"}]}, see
+    emoe/tool_grammar.py). `field` names the request field it came from, for errors."""
 
     kind: str
     value: str = ""
@@ -54,7 +55,7 @@ class GrammarSpec:
             raise InvalidRequest(self.field, f"unknown kind {self.kind!r}; one of {', '.join(GRAMMAR_KINDS)}")
         if not isinstance(self.value, str) or any(not isinstance(c, str) for c in self.choices):
             raise InvalidRequest(self.field, "must be text")
-        if self.kind in ("json", "regex", "grammar") and not self.value:
+        if self.kind in ("json", "regex", "grammar", "tool_call") and not self.value:
             raise InvalidRequest(self.field, f"{self.kind}: empty")
         if self.kind == "choice" and (not self.choices or not all(self.choices)):
             raise InvalidRequest(self.field, "choice: give a non-empty list of non-empty strings")
@@ -189,6 +190,7 @@ class GenerateChunk:
     # first None (nothing precedes it)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     index: int = 0  # which of a request's `n` choices (set by `fan_out`)
+    stop_string: str | None = None  # on the last chunk: the stop string that ended it, if one did
 
 
 @dataclass(frozen=True)

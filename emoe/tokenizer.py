@@ -6,9 +6,12 @@ back until its last byte arrives, so streamed text never contains a broken chara
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 
@@ -25,7 +28,10 @@ class Tokenizer:
         self._tok = HFTokenizer.from_file(str(file))
         cfg_file = path / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        self.chat_template: str | None = cfg.get("chat_template")
+        self.chat_template: str | None = _template(cfg.get("chat_template"))
+        jinja_file = path / "chat_template.jinja"
+        if jinja_file.is_file():  # newer releases ship the template as its own file
+            self.chat_template = jinja_file.read_text()
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
 
@@ -57,25 +63,71 @@ class Tokenizer:
             return bytes(table[ch] for ch in piece)
         return self._tok.decode([int(token_id)], skip_special_tokens=False).encode()
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Renders `messages` with the tokenizer's chat template (a plain role: content format without one)."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Renders `messages` with the checkpoint's chat template (a plain role: content format without
+        one), as transformers does: `tools`, `add_generation_prompt`, the special tokens, and any
+        `chat_template_kwargs` (e.g. `enable_thinking`) as template variables; `raise_exception`, `tojson`
+        and `strftime_now` available. A template error raises jinja2.TemplateError."""
         if not self.chat_template:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
             return text + ("assistant: " if add_generation_prompt else "")
-        import jinja2
-
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        variables = {
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+            **kwargs,
+            "messages": messages,
+            "tools": tools or None,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        return _compiled(self.chat_template).render(**variables)
 
     def detokenizer(
         self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
     ) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
+
+
+def _template(value: Any) -> str | None:
+    """tokenizer_config's chat_template: a string, or a list of named ones (the "default" is used)."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default") or next(iter(named.values()), None)
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+        return json.dumps(
+            value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys
+        )
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.datetime.now().strftime(fmt)
+
+    # as transformers renders templates (sandboxed, blocks trimmed, loop controls); lenient undefined:
+    # hub templates test optional message keys (`message.tool_calls`) by truthiness
+    env = ImmutableSandboxedEnvironment(
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=["jinja2.ext.loopcontrols"],
+    )
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env.from_string(template)
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -332,7 +332,7 @@ class AsyncEngine:
         elif len(seq.output) >= seq.max_tokens:
             finish = "length"
         text, hit = self._hold_back(state, text, final=finish is not None)
-        if hit:
+        if hit is not None:
             finish = "stop"
         if finish:
             state.done = True
@@ -341,27 +341,28 @@ class AsyncEngine:
             self.finished_by_reason[finish] = self.finished_by_reason.get(finish, 0) + 1
             self.e2e.observe(now - state.arrived_at)
         chunk = self._chunk(seq, [tok], text, finish)
+        chunk.stop_string = hit
         if logprob is not None:
             chunk.logprobs = [logprob]
         if state.prompt_logprobs is not None and len(seq.output) == 1:
             chunk.prompt_logprobs = state.prompt_logprobs
         state.queue.put_nowait(chunk)
 
-    def _hold_back(self, state: RequestState, text: str, final: bool) -> tuple[str, bool]:
-        """Stop strings: returns (text safe to emit now, whether a stop string matched)."""
+    def _hold_back(self, state: RequestState, text: str, final: bool) -> tuple[str, str | None]:
+        """Stop strings: returns (text safe to emit now, the stop string that matched, if one did)."""
         stops = state.request.sampling.stop
         if not stops:
-            return (text + (state.detok.flush() if final and state.detok else "")), False
+            return (text + (state.detok.flush() if final and state.detok else "")), None
         pending = state.pending_text + text + (state.detok.flush() if final and state.detok else "")
         for s in stops:
             i = pending.find(s)
             if i >= 0:
                 state.pending_text = ""
-                return pending[:i], True
+                return pending[:i], s
         keep = 0 if final else max(len(s) for s in stops) - 1
         cut = len(pending) - keep if keep else len(pending)
         state.pending_text = pending[cut:]
-        return pending[:cut], False
+        return pending[:cut], None
 
     def _chunk(self, seq: Sequence, toks: list[int], text: str, finish: str | None) -> GenerateChunk:
         prompt_tokens, completion_tokens = seq.state.request.usage(len(seq.output))

@@ -121,6 +121,11 @@ class Grammars:
                 )
             elif spec.kind == "regex":
                 compiled = compiler.compile_regex(spec.value)
+            elif spec.kind == "tool_call":
+                from emoe.tool_grammar import tool_call_grammar
+
+                call = json.loads(spec.value)
+                compiled = compiler.compile_grammar(tool_call_grammar(call["format"], call["tools"]))
             elif spec.kind == "choice":
                 rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choices)
                 compiled = compiler.compile_grammar(f"root ::= {rule}")
