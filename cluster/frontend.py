@@ -117,7 +117,12 @@ class Frontend:
         self.backend = RouterBackend(router, info)
         tls_cert, tls_key = _read_tls(self.cfg)
         self.grpc_server, self.grpc_port = await start_grpc_server(
-            InferenceServicer(self.backend, self.tokenizer),
+            InferenceServicer(
+                self.backend,
+                self.tokenizer,
+                tool_call_parser=self.cfg.tool_call_parser,
+                reasoning_parser=self.cfg.reasoning_parser,
+            ),
             self.cfg.host,
             self.cfg.grpc_port,
             tls_cert=tls_cert,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,15 @@ from typing import Any, NoReturn
 import grpc
 
 from cluster.errors import classify, client_message
+from cluster.openai_agent import (
+    ChoiceOutput,
+    ToolSetup,
+    choice_output_factory,
+    forced_call_grammar,
+    reasoning_format,
+    tool_format,
+    tool_setup,
+)
 from emoe.api import (
     GenerateChunk,
     GenerateRequest,
@@ -48,9 +58,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     the model's `max_tokens_limit` and the context left after the prompt.
     """
 
-    def __init__(self, backend: InferenceBackend, tokenizer: Any, *, default_max_tokens: int = 16):
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        tokenizer: Any,
+        *,
+        default_max_tokens: int = 16,
+        tool_call_parser: str = "auto",
+        reasoning_parser: str = "auto",
+    ):
         self.backend, self.tokenizer = backend, tokenizer
         self.default_max_tokens = default_max_tokens
+        self.tool_call_parser, self.reasoning_parser = tool_call_parser, reasoning_parser
+        self._outputs: dict[str, Any] = {}  # request id -> maker of its choices' ChoiceOutput (or None)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         reqs = await self._admit(request, context)
@@ -69,10 +89,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         request_id = reqs[0].request_id
         wholes = [pb.GenerateResponse(request_id=request_id, index=i) for i in range(len(reqs))]
         texts: list[list[str]] = [[] for _ in reqs]
+        thoughts: list[list[str]] = [[] for _ in reqs]
+        calls: list[dict[int, pb.ToolCallDelta]] = [{} for _ in reqs]
         try:
             async with contextlib.aclosing(self._responses(reqs)) as responses:
                 async for part in responses:
                     whole = wholes[part.index]
+                    thoughts[part.index].append(part.reasoning)
+                    for c in part.tool_calls:
+                        call = calls[part.index].setdefault(
+                            c.index, pb.ToolCallDelta(index=c.index, id=c.id, name=c.name)
+                        )
+                        call.arguments += c.arguments
                     whole.token_ids.extend(part.token_ids)
                     whole.logprobs.extend(part.logprobs)
                     whole.prompt_logprobs.extend(part.prompt_logprobs)
@@ -85,8 +113,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         except Exception as e:
             await abort(context, e, request_id)
-        for whole, parts in zip(wholes, texts, strict=True):
-            whole.text = "".join(parts)
+        for whole, parts, thought, made in zip(wholes, texts, thoughts, calls, strict=True):
+            whole.text, whole.reasoning = "".join(parts), "".join(thought)
+            whole.tool_calls.extend(made[i] for i in sorted(made))
         first = wholes[0]
         if len(wholes) > 1:
             first.choices.extend(wholes)
@@ -145,6 +174,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if not 1 <= n <= MAX_N:
                 raise InvalidRequest("sampling.n", f"must be in [1, {MAX_N}], got {n}")
             req = await asyncio.to_thread(self.to_request, request, info)  # tokenizing takes a while
+            self._outputs[req.request_id] = self._output_factory(request, info, req)
             return [choice(req, k, n) for k in range(n)]
         except Exception as e:
             await abort(context, e, request.request_id[:MAX_REQUEST_ID_CHARS])
@@ -181,10 +211,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             skip_special_tokens=not s.keep_special_tokens,
             logprobs=s.logprobs if s.HasField("logprobs") else None,
             prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
-            structured=_structured(s),
+            structured=self._constraint(request, info),
         )
         validate_budget(info, len(ids), sampling)
         return GenerateRequest(request_id, tuple(ids), sampling, prompt_text=request.prompt)
+
+    def _output_factory(self, request: pb.GenerateRequest, info: ModelInfo, req: GenerateRequest):
+        """The per-choice output split (tool calls where the request has tools, reasoning where asked)."""
+        if not request.tools and not request.separate_reasoning:
+            return None
+        setup = _tool_setup(request)
+        reasoning = (
+            reasoning_format(info.family, self.reasoning_parser) if request.separate_reasoning else None
+        )
+        fmt = tool_format(info.family, self.tool_call_parser)
+        prompt = request.prompt or self.tokenizer.decode(
+            list(req.prompt_token_ids), skip_special_tokens=False
+        )
+        return choice_output_factory(setup, fmt, reasoning, prompt)
+
+    def _constraint(self, request: pb.GenerateRequest, info: ModelInfo) -> GrammarSpec | None:
+        """sampling.structured, or the grammar of a forced tool call (not both)."""
+        asked = _structured(request.sampling)
+        setup = _tool_setup(request)
+        forced = forced_call_grammar(setup, tool_format(info.family, self.tool_call_parser))
+        if asked is not None and forced is not None:
+            raise InvalidRequest(
+                "tool_choice", "a forced tool call cannot be combined with sampling.structured"
+            )
+        return asked or forced
 
     async def _responses(self, reqs: list[GenerateRequest]) -> AsyncIterator[pb.GenerateResponse]:
         """One message per backend chunk with tokens or text, tagged with its choice's index; each
@@ -196,12 +251,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         request_id = reqs[0].request_id.rsplit("/", 1)[0] if len(reqs) > 1 else reqs[0].request_id
         lasts = {i: r.empty_chunk() for i, r in enumerate(reqs)}
         done: set[int] = set()
+        make = self._outputs.pop(request_id, None)
+        outputs = {i: make() for i in range(len(reqs))} if make else {}
         stream = fan_out(self.backend, reqs)
         try:
             async for chunk in stream:
                 lasts[chunk.index] = chunk
                 if chunk.token_ids or chunk.text or chunk.finish_reason:
-                    yield _response(request_id, chunk)
+                    yield _response(request_id, chunk, outputs.get(chunk.index))
                 if chunk.finish_reason:
                     done.add(chunk.index)
                     if len(done) == len(reqs):
@@ -220,13 +277,30 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             log.debug("cancel of %s after client cancellation: %r", request_id, e)
 
 
-def _response(request_id: str, chunk: GenerateChunk) -> pb.GenerateResponse:
+def _response(
+    request_id: str, chunk: GenerateChunk, output: ChoiceOutput | None = None
+) -> pb.GenerateResponse:
+    text, reasoning, calls, finish = chunk.text, "", [], chunk.finish_reason or ""
+    if output is not None:
+        delta = output.feed(chunk.text, final=bool(chunk.finish_reason))
+        text, reasoning = delta.get("content", ""), delta.get("reasoning_content", "")
+        for c in delta.get("tool_calls", ()):
+            fn = c["function"]
+            calls.append(
+                pb.ToolCallDelta(
+                    index=c["index"], id=c.get("id", ""), name=fn.get("name", ""), arguments=fn["arguments"]
+                )
+            )
+        if finish == "stop" and output.called:
+            finish = "tool_calls"
     response = pb.GenerateResponse(
         token_ids=list(chunk.token_ids),
-        text=chunk.text,
-        finish_reason=chunk.finish_reason or "",
+        text=text,
+        finish_reason=finish,
         request_id=request_id,
         index=chunk.index,
+        reasoning=reasoning,
+        tool_calls=calls,
     )
     response.logprobs.extend(_logprob(e) for e in chunk.logprobs or ())
     response.prompt_logprobs.extend(_logprob(e) for e in (chunk.prompt_logprobs or [None])[1:])
@@ -270,3 +344,38 @@ def _structured(s: pb.SamplingParams) -> GrammarSpec | None:
     if kind == "choice":
         return GrammarSpec("choice", choices=tuple(s.structured.choice.choices), field=where)
     return GrammarSpec(kind, getattr(s.structured, kind), field=where)
+
+
+def _tool_setup(request: pb.GenerateRequest) -> ToolSetup:
+    """GenerateRequest.tools / tool_choice, checked (INVALID_ARGUMENT naming tools.N... or tool_choice)."""
+    tools = []
+    for i, t in enumerate(request.tools):
+        try:
+            params = (
+                json.loads(t.parameters_json) if t.parameters_json else {"type": "object", "properties": {}}
+            )
+        except ValueError as exc:
+            raise InvalidRequest(f"tools.{i}.parameters_json", f"not valid JSON: {exc}") from None
+        tools.append(
+            {
+                "type": "function",
+                "function": {"name": t.name, "description": t.description, "parameters": params},
+            }
+        )
+    choice: Any = request.tool_choice or "auto"
+    if choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    try:
+        return tool_setup(tools, choice)
+    except InvalidRequest as exc:
+        field = exc.field.replace("function.parameters", "parameters_json").replace("function.", "")
+        raise InvalidRequest(field, str(exc).split(": ", 1)[-1]) from None
+
+
+def _output_factory(request: pb.GenerateRequest, info: ModelInfo, req: GenerateRequest):
+    """The per-choice output split of a request (tool calls where it has tools, reasoning where asked)."""
+    setup = _tool_setup(request)
+    reasoning = reasoning_format(info.family) if request.separate_reasoning else None
+    return choice_output_factory(
+        setup, tool_format(info.family), reasoning, request.prompt or req.prompt_text
+    )

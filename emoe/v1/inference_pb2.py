@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65moe/v1/inference.proto\x12\x07\x65moe.v1\"\xc0\x05\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\r\n\x05min_p\x18\x0c \x01(\x02\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12:\n\nlogit_bias\x18\x0e \x03(\x0b\x32&.emoe.v1.SamplingParams.LogitBiasEntry\x12\x1b\n\x13keep_special_tokens\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x08\x88\x01\x01\x12-\n\nstructured\x18\x12 \x01(\x0b\x32\x19.emoe.v1.StructuredOutput\x12\t\n\x01n\x18\x13 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x90\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\"\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x10.emoe.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12 \n\x03top\x18\x04 \x03(\x0b\x32\x13.emoe.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"z\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.emoe.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x91\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.emoe.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.emoe.v1.TokenLogprob\x12.\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x15.emoe.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\x12*\n\x07\x63hoices\x18\t \x03(\x0b\x32\x19.emoe.v1.GenerateResponse\"\x15\n\x13GetModelInfoRequest\"\xa8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nnum_groups\x18\x07 \x01(\r\x12\x11\n\ttransport\x18\x08 \x01(\t\x12\x43\n\x11sampling_defaults\x18\t \x03(\x0b\x32(.emoe.v1.ModelInfo.SamplingDefaultsEntry\x1a\x37\n\x15SamplingDefaultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x10\n\x0e\x43\x61ncelResponse\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\":\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\x94\x03\n\tInference\x12\x41\n\x08Generate\x12\x18.emoe.v1.GenerateRequest\x1a\x19.emoe.v1.GenerateResponse0\x01\x12?\n\x08\x43omplete\x12\x18.emoe.v1.GenerateRequest\x1a\x19.emoe.v1.GenerateResponse\x12@\n\x0cGetModelInfo\x12\x1c.emoe.v1.GetModelInfoRequest\x1a\x12.emoe.v1.ModelInfo\x12\x39\n\x06\x43\x61ncel\x12\x16.emoe.v1.CancelRequest\x1a\x17.emoe.v1.CancelResponse\x12?\n\x08Tokenize\x12\x18.emoe.v1.TokenizeRequest\x1a\x19.emoe.v1.TokenizeResponse\x12\x45\n\nDetokenize\x12\x1a.emoe.v1.DetokenizeRequest\x1a\x1b.emoe.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65moe/v1/inference.proto\x12\x07\x65moe.v1\"\xc0\x05\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\r\n\x05min_p\x18\x0c \x01(\x02\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12:\n\nlogit_bias\x18\x0e \x03(\x0b\x32&.emoe.v1.SamplingParams.LogitBiasEntry\x12\x1b\n\x13keep_special_tokens\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x08\x88\x01\x01\x12-\n\nstructured\x18\x12 \x01(\x0b\x32\x19.emoe.v1.StructuredOutput\x12\t\n\x01n\x18\x13 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x90\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\"\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x10.emoe.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12 \n\x03top\x18\x04 \x03(\x0b\x32\x13.emoe.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xc9\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.emoe.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1c\n\x05tools\x18\x05 \x03(\x0b\x32\r.emoe.v1.Tool\x12\x13\n\x0btool_choice\x18\x06 \x01(\t\x12\x1a\n\x12separate_reasoning\x18\x07 \x01(\x08\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xd0\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.emoe.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.emoe.v1.TokenLogprob\x12.\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x15.emoe.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\x12*\n\x07\x63hoices\x18\t \x03(\x0b\x32\x19.emoe.v1.GenerateResponse\x12\x11\n\treasoning\x18\n \x01(\t\x12*\n\ntool_calls\x18\x0b \x03(\x0b\x32\x16.emoe.v1.ToolCallDelta\"\x15\n\x13GetModelInfoRequest\"\xa8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nnum_groups\x18\x07 \x01(\r\x12\x11\n\ttransport\x18\x08 \x01(\t\x12\x43\n\x11sampling_defaults\x18\t \x03(\x0b\x32(.emoe.v1.ModelInfo.SamplingDefaultsEntry\x1a\x37\n\x15SamplingDefaultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x10\n\x0e\x43\x61ncelResponse\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\":\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\x94\x03\n\tInference\x12\x41\n\x08Generate\x12\x18.emoe.v1.GenerateRequest\x1a\x19.emoe.v1.GenerateResponse0\x01\x12?\n\x08\x43omplete\x12\x18.emoe.v1.GenerateRequest\x1a\x19.emoe.v1.GenerateResponse\x12@\n\x0cGetModelInfo\x12\x1c.emoe.v1.GetModelInfoRequest\x1a\x12.emoe.v1.ModelInfo\x12\x39\n\x06\x43\x61ncel\x12\x16.emoe.v1.CancelRequest\x1a\x17.emoe.v1.CancelResponse\x12?\n\x08Tokenize\x12\x18.emoe.v1.TokenizeRequest\x1a\x19.emoe.v1.TokenizeResponse\x12\x45\n\nDetokenize\x12\x1a.emoe.v1.DetokenizeRequest\x1a\x1b.emoe.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,30 +47,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_end=1015
   _globals['_TOPLOGPROB']._serialized_start=1017
   _globals['_TOPLOGPROB']._serialized_end=1064
-  _globals['_GENERATEREQUEST']._serialized_start=1066
-  _globals['_GENERATEREQUEST']._serialized_end=1188
-  _globals['_USAGE']._serialized_start=1190
-  _globals['_USAGE']._serialized_end=1247
-  _globals['_GENERATERESPONSE']._serialized_start=1250
-  _globals['_GENERATERESPONSE']._serialized_end=1523
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1525
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1546
-  _globals['_MODELINFO']._serialized_start=1549
-  _globals['_MODELINFO']._serialized_end=1845
-  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_start=1790
-  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_end=1845
-  _globals['_CANCELREQUEST']._serialized_start=1847
-  _globals['_CANCELREQUEST']._serialized_end=1882
-  _globals['_CANCELRESPONSE']._serialized_start=1884
-  _globals['_CANCELRESPONSE']._serialized_end=1900
-  _globals['_TOKENIZEREQUEST']._serialized_start=1902
-  _globals['_TOKENIZEREQUEST']._serialized_end=1933
-  _globals['_TOKENIZERESPONSE']._serialized_start=1935
-  _globals['_TOKENIZERESPONSE']._serialized_end=1993
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1995
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2033
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2035
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2069
-  _globals['_INFERENCE']._serialized_start=2072
-  _globals['_INFERENCE']._serialized_end=2476
+  _globals['_GENERATEREQUEST']._serialized_start=1067
+  _globals['_GENERATEREQUEST']._serialized_end=1268
+  _globals['_TOOL']._serialized_start=1270
+  _globals['_TOOL']._serialized_end=1336
+  _globals['_TOOLCALLDELTA']._serialized_start=1338
+  _globals['_TOOLCALLDELTA']._serialized_end=1413
+  _globals['_USAGE']._serialized_start=1415
+  _globals['_USAGE']._serialized_end=1472
+  _globals['_GENERATERESPONSE']._serialized_start=1475
+  _globals['_GENERATERESPONSE']._serialized_end=1811
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1813
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1834
+  _globals['_MODELINFO']._serialized_start=1837
+  _globals['_MODELINFO']._serialized_end=2133
+  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_start=2078
+  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_end=2133
+  _globals['_CANCELREQUEST']._serialized_start=2135
+  _globals['_CANCELREQUEST']._serialized_end=2170
+  _globals['_CANCELRESPONSE']._serialized_start=2172
+  _globals['_CANCELRESPONSE']._serialized_end=2188
+  _globals['_TOKENIZEREQUEST']._serialized_start=2190
+  _globals['_TOKENIZEREQUEST']._serialized_end=2221
+  _globals['_TOKENIZERESPONSE']._serialized_start=2223
+  _globals['_TOKENIZERESPONSE']._serialized_end=2281
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2283
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2321
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2323
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2357
+  _globals['_INFERENCE']._serialized_start=2360
+  _globals['_INFERENCE']._serialized_end=2764
 # @@protoc_insertion_point(module_scope)

@@ -216,6 +216,86 @@ def test_aiperf_against_emoe_serve(serve, demo_model, aiperf, tmp_path, endpoint
         assert name in scraped, f"aiperf's server-metrics export lacks {name}"
 
 
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "minLength": 1, "maxLength": 16},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "days"],
+}
+
+
+def test_openai_tools_call_against_emoe_serve(serve):
+    """The README's tools example: a named tool_choice returns a schema-valid call, streamed and not."""
+    import json
+
+    import jsonschema
+    import openai
+
+    c = openai.OpenAI(base_url=serve.http + "/v1", api_key="x", max_retries=0, timeout=60)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}]
+    ask = dict(
+        model="demo",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200,
+    )
+    r = c.chat.completions.create(**ask)
+    [call] = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_SCHEMA)
+    deltas = [
+        d
+        for e in c.chat.completions.create(**ask, stream=True)
+        if e.choices
+        for d in e.choices[0].delta.tool_calls or []
+    ]
+    assert deltas[0].function.name == "get_weather"
+    jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)), WEATHER_SCHEMA)
+
+
+def test_anthropic_sdk_against_emoe_serve(serve):
+    """The anthropic SDK: text with usage, a forced tool_use, stop sequences, streaming, a 400 in
+    Anthropic's shape."""
+    import anthropic
+    import jsonschema
+
+    c = anthropic.Anthropic(base_url=serve.http, api_key="x", max_retries=0, timeout=60)
+    hi = [{"role": "user", "content": "Hello"}]
+    r = c.messages.create(model="demo", max_tokens=8, messages=hi, extra_body={"ignore_eos": True})
+    assert r.stop_reason == "max_tokens" and r.usage.output_tokens == 8 and r.usage.input_tokens > 0
+    tool = {"name": "get_weather", "description": "forecast", "input_schema": WEATHER_SCHEMA}
+    r = c.messages.create(
+        model="demo",
+        max_tokens=200,
+        messages=hi,
+        tools=[tool],
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )
+    [use] = [b for b in r.content if b.type == "tool_use"]
+    assert r.stop_reason == "tool_use" and use.name == "get_weather"
+    jsonschema.validate(use.input, WEATHER_SCHEMA)
+    r = c.messages.create(
+        model="demo",
+        max_tokens=20,
+        messages=hi,
+        stop_sequences=["beta"],
+        extra_body={"structured_outputs": {"regex": "alpha beta gamma"}},
+    )
+    assert r.stop_reason == "stop_sequence" and r.stop_sequence == "beta"
+    assert "".join(b.text for b in r.content if b.type == "text") == "alpha "
+    with c.messages.stream(
+        model="demo", max_tokens=5, messages=hi, extra_body={"ignore_eos": True}
+    ) as stream:
+        kinds = [e.type for e in stream]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    with pytest.raises(anthropic.BadRequestError) as err:
+        c.messages.create(model="demo", max_tokens=5, messages=[{"role": "robot", "content": "x"}])
+    assert err.value.body["type"] == "error" and "messages.0.role" in err.value.body["error"]["message"]
+
+
 def test_sigterm_stops_emoe_serve_and_its_ray(serve):
     proc, log = serve.proc, serve.log
     started = descendants(proc.pid)

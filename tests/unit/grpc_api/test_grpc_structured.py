@@ -26,7 +26,11 @@ def address(tmp_path_factory, loop):
     path = write_demo_model(tmp_path_factory.mktemp("gso") / "m")
     tok = Tokenizer(path)
     with Engine.from_pretrained(path, num_groups=2) as engine:
-        server, port = loop.run(start_grpc_server(InferenceServicer(EngineBackend(engine, tok), tok)))
+        server, port = loop.run(
+            start_grpc_server(
+                InferenceServicer(EngineBackend(engine, tok, max_context=1024, max_tokens_limit=256), tok)
+            )
+        )
         yield f"127.0.0.1:{port}"
         loop.run(server.stop(0))
 
@@ -99,3 +103,60 @@ def test_n_choices_over_grpc(address):
     assert sorted(m.index for m in finals) == [0, 1, 2]
     assert all(m.usage.completion_tokens == 6 and m.finish_reason == "length" for m in finals)
     assert len({m.request_id for m in messages}) == 1
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "days"],
+}
+
+
+def test_tools_and_reasoning_over_grpc(address):
+    """GenerateRequest.tools with a named tool_choice: a schema-valid call in tool_calls (name first, then
+    argument pieces), finish_reason tool_calls; separate_reasoning moves <think> text into `reasoning`."""
+    tool = pb.Tool(name="get_weather", description="forecast", parameters_json=json.dumps(WEATHER))
+    request = pb.GenerateRequest(
+        prompt="Weather?", tools=[tool], tool_choice="get_weather", sampling=pb.SamplingParams(max_tokens=200)
+    )
+    with InferenceClient(address) as c:
+        whole = c._stub.Complete(request, timeout=60)
+        messages = list(c._stub.Generate(request, timeout=60))
+        think = pb.GenerateRequest(
+            prompt="Q: hi\n<think>\n",
+            separate_reasoning=True,
+            sampling=pb.SamplingParams(
+                max_tokens=60, structured=pb.StructuredOutput(regex=r"[a-z]{3,6} [a-z]{3,6}</think>\n\nYes\.")
+            ),
+        )
+        split = c._stub.Complete(think, timeout=60)
+    assert whole.finish_reason == "tool_calls" and not whole.text
+    [call] = whole.tool_calls
+    assert call.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    pieces = [d for m in messages for d in m.tool_calls]
+    assert pieces[0].name == "get_weather" and all(not d.name for d in pieces[1:]) and len(pieces) > 1
+    assert json.loads("".join(d.arguments for d in pieces)) == json.loads(call.arguments)
+    assert messages[-1].finish_reason == "tool_calls"
+    assert len(split.reasoning.split()) == 2 and split.text == "Yes."
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        ({"tools": [pb.Tool(name="f", parameters_json="{nope")]}, "tools.0.parameters_json"),
+        ({"tools": [pb.Tool(name="f", parameters_json='{"type": "objekt"}')]}, "tools.0.parameters_json"),
+        ({"tools": [pb.Tool(name="f")], "tool_choice": "g"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ],
+)
+def test_bad_tools_are_invalid_argument(address, fields, name):
+    with InferenceClient(address) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c._stub.Complete(pb.GenerateRequest(prompt="x", **fields), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(name), (
+        err.value.details()
+    )
