@@ -196,7 +196,9 @@ def _text(content: Any) -> str:
         return content
     if isinstance(content, list):  # OpenAI content parts
         return "".join(
-            p.get("text", "") if isinstance(p, dict) else str(p) for p in content if not isinstance(p, dict) or p.get("type", "text") == "text"
+            p.get("text", "") if isinstance(p, dict) else str(p)
+            for p in content
+            if not isinstance(p, dict) or p.get("type", "text") == "text"
         )
     return str(content)
 
@@ -245,7 +247,9 @@ def render_prompt(
             fn = t.get("function", t) if isinstance(t, dict) else {}
             if not fn.get("name"):
                 continue
-            descs.append(oh.ToolDescription.new(fn["name"], fn.get("description") or "", fn.get("parameters")))
+            descs.append(
+                oh.ToolDescription.new(fn["name"], fn.get("description") or "", fn.get("parameters"))
+            )
         if descs:
             dev = dev.with_function_tools(descs)
     if dev.instructions or dev.tools:
@@ -265,7 +269,9 @@ def render_prompt(
         elif role == "assistant":
             reasoning = m.get("reasoning_content") or m.get("reasoning")
             if reasoning:
-                out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, reasoning).with_channel("analysis"))
+                out.append(
+                    oh.Message.from_role_and_content(oh.Role.ASSISTANT, reasoning).with_channel("analysis")
+                )
             calls = m.get("tool_calls") or []
             content = _text(m.get("content"))
             if content:  # with tool calls it was a preamble on the commentary channel
