@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 
 import pytest
@@ -88,8 +89,6 @@ def test_vocab_rebuilt_offline_from_quicktok(tmp_path, monkeypatch):
     assert harmony._provide_vocab() == str(tmp_path)
     f = tmp_path / harmony.O200K_FILE
     assert hashlib.sha256(f.read_bytes()).hexdigest() == harmony.O200K_SHA256
-    import os
-
     assert os.environ["TIKTOKEN_ENCODINGS_BASE"] == str(tmp_path)
     # a second call reuses the verified copy
     mtime = f.stat().st_mtime_ns
@@ -128,15 +127,19 @@ def test_render_conversation_with_tools_and_tool_result(enc):
     assert '"celsius" | "fahrenheit"' in text
     assert "<|start|>user<|message|>What's the weather in Paris?<|end|>" in text
     # the current turn's reasoning before the tool call is kept
-    assert "<|start|>assistant<|channel|>analysis<|message|>I should call get_weather for Paris.<|end|>" in text
+    assert (
+        "<|start|>assistant<|channel|>analysis<|message|>I should call get_weather for Paris.<|end|>" in text
+    )
     assert (
         "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
         '{"city": "Paris"}<|call|>'
     ) in text
     # the tool's name comes from the earlier call's id
-    assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp": 20}<|end|>' in text
+    assert (
+        '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp": 20}<|end|>'
+        in text
+    )
     assert text.endswith("<|start|>assistant")
-    # the same conversation is what harmony renders
     assert text.index("<|start|>developer") < text.index("<|start|>user")
 
 
@@ -256,4 +259,5 @@ def test_stream_never_raises_on_malformed_or_truncated_output(enc):
     deltas = [s.feed_token(t) for t in toks[:-4]] + [s.finish()]
     calls = _calls(deltas)
     assert calls[0].name == "get_weather" and s.called
-    assert '{"city": "Lima"'.startswith("".join(c.arguments for c in calls)[:10])
+    streamed = "".join(c.arguments for c in calls)
+    assert streamed and '{"city": "Lima", "unit": "celsius"}'.startswith(streamed)
