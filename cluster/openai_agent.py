@@ -13,11 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from emoe.tool_parsers import PARSERS, ToolParser, parser_for_family
-
 from emoe.api import GrammarSpec, InvalidRequest
 from emoe.reasoning import REASONING_PARSERS, ReasoningParser, reasoning_parser_for_family
 from emoe.tool_grammar import CONSTRAINED_FORMATS
+from emoe.tool_parsers import PARSERS, ToolParser, parser_for_family
 
 MAX_TOOLS = 128
 
