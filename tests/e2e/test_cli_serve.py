@@ -282,9 +282,9 @@ def test_anthropic_sdk_against_emoe_serve(serve):
         max_tokens=20,
         messages=hi,
         stop_sequences=["beta"],
-        extra_body={"structured_outputs": {"regex": "alpha beta gamma"}},
+        extra_body={"temperature": 0, "structured_outputs": {"regex": "alpha beta gamma"}},
     )
-    assert r.stop_reason == "stop_sequence" and r.stop_sequence == "beta"
+    assert (r.stop_reason, r.stop_sequence) == ("stop_sequence", "beta"), r
     assert "".join(b.text for b in r.content if b.type == "text") == "alpha "
     with c.messages.stream(
         model="demo", max_tokens=5, messages=hi, extra_body={"ignore_eos": True}
