@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.perf import _machine
 from emoe.api import GenerateRequest, GrammarSpec, SamplingParams
 from emoe.demo import write_demo_model
 from emoe.tokenizer import Tokenizer
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sample_ms": alone[v] * 1e3,
             }
         )
-    cpu = _cpu_name()
+    cpu = _machine()
     head = (
         f"Model `{spec.family}` {spec.num_layers} layers, hidden {spec.hidden_size}, vocab "
         f"{spec.vocab_size}, {args.dtype}; in process. Machine: {cpu}, {os.cpu_count()} CPUs, torch "
@@ -189,16 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(md)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
