@@ -42,10 +42,22 @@ class GrpcConn:
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def call(self, request: pb.ExpertForwardRequest, timeout_s: float) -> torch.Tensor:
+        """The reply to `request`; the whole call (the wait for the write lock, the write, the reply) is
+        bounded by `timeout_s`: a replica that accepts the connection but never answers (a frozen process)
+        blocks a write as surely as a reply."""
         if self.broken:
             raise TransportError(self.broken)
+        try:
+            return await asyncio.wait_for(self._call(request), timeout_s)
+        except asyncio.TimeoutError:  # not the built-in TimeoutError before Python 3.11
+            self._fail(f"no reply within {timeout_s}s")
+            raise TransportError(f"no reply within {timeout_s}s") from None
+
+    async def _call(self, request: pb.ExpertForwardRequest) -> torch.Tensor:
         fut = asyncio.get_running_loop().create_future()
         async with self.write_lock:
+            if self.broken:
+                raise TransportError(self.broken)
             self.next_id += 1
             request.call_id = self.next_id
             self.pending.append((self.next_id, fut))
@@ -53,11 +65,14 @@ class GrpcConn:
                 await self.stream.write(request)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
                 self._fail(f"stream write failed: {e}")
-        try:
-            return await asyncio.wait_for(fut, timeout_s)
-        except asyncio.TimeoutError:  # not the built-in TimeoutError before Python 3.11
-            self._fail(f"no reply within {timeout_s}s")
-            raise TransportError(f"no reply within {timeout_s}s") from None
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError from a write whose call was cancelled locally, i.e. by
+                # `_fail` when the reader saw the stream break: that is this connection failing, not
+                # this task being cancelled (which is re-raised)
+                if self.broken is None or _cancelling():
+                    raise
+                raise TransportError(self.broken) from None
+        return await fut
 
     async def _read(self) -> None:
         try:
@@ -99,11 +114,19 @@ class GrpcConn:
             _, fut = self.pending.popleft()
             if not fut.done():
                 fut.set_exception(TransportError(why))
+                fut.exception()  # its caller may have timed out already: not an unretrieved exception
 
     async def close(self) -> None:
         self.reader.cancel()
         self._fail("connection closed")
         await self.channel.close()
+
+
+def _cancelling() -> bool:
+    """Whether the current task has been asked to cancel (Python 3.11+; on 3.10 assumed not)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling and cancelling())
 
 
 async def _grpc_connect(info: dict[str, Any]) -> GrpcConn:

@@ -239,6 +239,15 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 for c in chunks:
                     self._fail(c.seq, e)
+            except asyncio.CancelledError as e:
+                task = asyncio.current_task()
+                if getattr(task, "cancelling", lambda: 1)():  # the engine is stopping
+                    raise
+                # a library raised CancelledError without this task being cancelled (grpc.aio does for a
+                # call cancelled under it): a failed step like any other, not a dead engine loop
+                log.error("engine step failed: CancelledError from a dependency", exc_info=e)
+                for c in chunks:
+                    self._fail(c.seq, RuntimeError("engine step cancelled by a dependency"))
             finally:
                 self.in_flight.clear()
             await asyncio.sleep(0)  # let streams and new requests in between steps

@@ -26,6 +26,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_errors(errors: Sequence[str], lines: int = 40) -> str:
+    """The failures a test saw, with what the server logged about each: for every request id named in
+    `errors` ("internal error (request_id ...); see the server log"), the Ray session's log lines from that
+    id on (the traceback). A CI failure then says why, without the logs of a machine that is gone."""
+    import glob
+    import re
+
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    session = node.get_session_dir_path() if node is not None else "/tmp/ray/session_latest"
+    ids = sorted({m for e in errors for m in re.findall(r"request_id '([0-9a-f]+)'", e)})[:3]
+    out = [f"{len(errors)} failed: {errors[:3]}"]
+    for path in sorted(glob.glob(f"{session}/logs/**/*", recursive=True)):
+        if not path.endswith((".log", ".err", ".out")):
+            continue
+        try:
+            text = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for rid in ids:
+            at = next((i for i, line in enumerate(text) if rid in line), None)
+            if at is not None:
+                out.append(f"--- {path} ({rid})\n" + "\n".join(text[at : at + lines]))
+        if not ids:  # no id to look for: the dispatch and engine failures themselves
+            hits = [i for i, line in enumerate(text) if "engine step failed" in line]
+            for at in hits[:2]:
+                out.append(f"--- {path}\n" + "\n".join(text[at : at + lines]))
+    return "\n".join(out)
+
+
 def reference_tokens(
     model: Path,
     prompts: Sequence[str],

@@ -144,6 +144,38 @@ def test_grpc_stream_keeps_order_and_survives_refused_calls(core):
     asyncio.run(run())
 
 
+def test_grpc_call_to_a_frozen_replica_fails_within_the_call_timeout():
+    """A replica that accepts the TCP connection and then never speaks (a frozen or stopped process):
+    every call in flight fails with TransportError within the call timeout, the write included (a write
+    waits for the HTTP/2 handshake, and used to wait for ever while holding the stream's write lock)."""
+    import socket
+
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen()
+    transport = grpc_transport(call_timeout_s=1.5)
+
+    async def run():
+        conn = await transport.connect({"grpc_endpoint": f"127.0.0.1:{frozen.getsockname()[1]}"})
+        x, ids, w = inputs(2, 2)
+        t0 = time.monotonic()
+        got = await asyncio.gather(
+            *(transport.call(conn, 1, 3, x, ids, w) for _ in range(3)), return_exceptions=True
+        )
+        took = time.monotonic() - t0
+        assert [type(e) for e in got] == [TransportError] * 3, got
+        assert took < 5, f"calls to a frozen replica took {took:.1f}s"
+        assert conn.broken
+        with pytest.raises(TransportError):  # a broken connection refuses at once; the dispatcher reconnects
+            await transport.call(conn, 1, 3, x, ids, w)
+        await conn.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        frozen.close()
+
+
 def test_gloo_pairs_serve_and_survive_a_bad_header(core):
     server = DistExpertServer(core)
     endpoint = server.start()
