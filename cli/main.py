@@ -102,7 +102,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
 
 
-BENCHES = ("perf", "autoscale", "dataplane", "sampling")
+BENCHES = ("perf", "autoscale", "dataplane", "sampling", "agent")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -112,6 +112,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench.dataplane import main as bench_main
     elif args.which == "sampling":
         from bench.sampling import main as bench_main
+    elif args.which == "agent":
+        from bench.agent import main as bench_main
     else:
         from bench.perf import main as bench_main
     return bench_main(args.rest)
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="benchmarks: [perf] (the default: throughput, TTFT, TPOT against transformers and the roofline) "
-        "| autoscale | dataplane | sampling (logprobs / structured outputs cost); arguments pass through (emoe bench --help, emoe bench autoscale --help)",
+        "| autoscale | dataplane | sampling (logprobs / structured outputs cost) | agent (multi-turn, prefix caching on/off); arguments pass through (emoe bench --help, emoe bench autoscale --help)",
     )
     p.add_argument("which", choices=BENCHES)
     p.add_argument("rest", nargs=argparse.REMAINDER)

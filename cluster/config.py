@@ -55,6 +55,11 @@ class AppConfig(BaseModel):
         "calls (pays where the experts have their own GPUs or hosts; costs a second read of expert weights)",
     )
     max_queue: int = Field(256, ge=0, description="waiting requests per router before RESOURCE_EXHAUSTED")
+    prefix_caching: bool = Field(
+        True,
+        description="automatic prefix caching: full KV blocks of earlier prompts are reused by requests that "
+        "start with the same tokens (false: every prompt is computed in full)",
+    )
     tool_call_parser: str = Field(
         "auto",
         description="tool-call format of the chat API: auto (the model family's), minimax_m2, hermes, deepseek_v3, "
@@ -134,6 +139,7 @@ class AppConfig(BaseModel):
             max_queue=self.max_queue,
             max_context=max_context,
             grammar_timeout_s=self.grammar_timeout_s,
+            prefix_caching=self.prefix_caching,
         )
 
     def to_args(self) -> dict[str, Any]:

@@ -186,6 +186,13 @@ class OpsState:
             Family("emoe_replacements_total", "counter", "Hot-expert re-placements started"),
             Family("emoe_rejected_requests_total", "counter", "Requests refused, by reason"),
             Family("emoe_ignored_request_fields_total", "counter", "Unknown request fields ignored, by name"),
+            Family(
+                "emoe_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache"
+            ),
+            Family("emoe_prefix_cache_hits_total", "counter", "Prompt tokens served from cached KV blocks"),
+            Family("emoe_prefix_cache_hit_ratio", "gauge", "Prefix-cache hits / queries since start"),
+            Family("emoe_prefix_cache_blocks", "gauge", "KV blocks named in the prefix cache"),
+            Family("emoe_prefix_cache_evictions_total", "counter", "Cached KV blocks evicted for new ones"),
         ]
         by = {f.name: f for f in fam}
         for g, n in (r.get("tokens_per_group") or {}).items():
@@ -217,6 +224,11 @@ class OpsState:
         by["emoe_queue_depth"].add(r.get("waiting", 0))
         by["emoe_running_requests"].add(r.get("running", 0))
         by["emoe_failovers_total"].add(r.get("failovers", 0))
+        by["emoe_prefix_cache_queries_total"].add(r.get("prefix_cache_queries", 0))
+        by["emoe_prefix_cache_hits_total"].add(r.get("prefix_cache_hits", 0))
+        by["emoe_prefix_cache_hit_ratio"].add(r.get("prefix_cache_hit_rate", 0.0))
+        by["emoe_prefix_cache_blocks"].add(r.get("prefix_cache_blocks", 0))
+        by["emoe_prefix_cache_evictions_total"].add(r.get("prefix_cache_evictions", 0))
         by["emoe_autoscaling_decisions_total"].add(sum(e["kind"] == "autoscale" for e in self.events))
         by["emoe_replacements_total"].add(len(snap.get("replacements", [])))
         for reason, n in snap["rejected"].items():

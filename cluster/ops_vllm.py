@@ -15,6 +15,18 @@ SCALARS = (  # (vLLM name, type, help, router stats key)
     ("vllm:prompt_tokens_total", "counter", "Prompt tokens admitted", "prompt_tokens"),
     ("vllm:generation_tokens_total", "counter", "Tokens generated", "tokens_generated"),
     ("vllm:num_preemptions_total", "counter", "Preemptions of running requests", "preemptions"),
+    (
+        "vllm:prefix_cache_queries_total",
+        "counter",
+        "Prompt tokens queried in the prefix cache",
+        "prefix_cache_queries",
+    ),
+    (
+        "vllm:prefix_cache_hits_total",
+        "counter",
+        "Prompt tokens that hit the prefix cache",
+        "prefix_cache_hits",
+    ),
 )
 HISTOGRAMS = (  # (router stats key, vLLM name, help)
     ("ttft_s", "vllm:time_to_first_token_seconds", "Time to first token"),

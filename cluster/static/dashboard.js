@@ -106,6 +106,7 @@ function drawLatency(state) {
     ["TPOT p50 / p99", `${ms(quantile(r.tpot_s, 0.5))} / ${ms(quantile(r.tpot_s, 0.99))}`],
     ["expert call p50 / p99", `${ms(quantile(r.dispatch_latency_s, 0.5))} / ${ms(quantile(r.dispatch_latency_s, 0.99))}`],
     ["KV cache use", `${fmt((r.kv_usage || 0) * 100)} %`],
+    ["prefix-cache hit rate", `<span data-testid="prefix-hit-rate">${fmt((r.prefix_cache_hit_rate || 0) * 100)}</span> % (${r.prefix_cache_hits ?? 0} / ${r.prefix_cache_queries ?? 0} prompt tokens, ${r.prefix_cache_blocks ?? 0} blocks cached)`],
     ["running / waiting", `${r.running ?? "–"} / ${r.waiting ?? "–"}`],
     ["failovers (recent)", `<span data-testid="failovers">${r.failovers ?? 0}</span>`],
     ["rejected", Object.entries(state.snapshot.rejected || {}).map(([k, v]) => `${k}: ${v}`).join(", ") || "0"],

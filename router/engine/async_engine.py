@@ -54,6 +54,8 @@ class EngineConfig:
     # twice per step, so it pays only where the experts are elsewhere and the router's work is comparable.
     micro_batches: int = 1
     grammar_timeout_s: float = 10.0  # a structured-output grammar that compiles longer is a 400
+    # automatic prefix caching: a prompt's full blocks already in the pool are reused, not recomputed
+    prefix_caching: bool = True
 
 
 @dataclass
@@ -85,7 +87,9 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.pool = KVPool(spec.num_layers, config.kv_blocks, config.block_size)
         self.scheduler = Scheduler(
-            BlockManager(config.kv_blocks, config.block_size), config.max_batch_tokens, config.max_num_seqs
+            BlockManager(config.kv_blocks, config.block_size, prefix_caching=config.prefix_caching),
+            config.max_batch_tokens,
+            config.max_num_seqs,
         )
         self.seqs: dict[str, Sequence] = {}
         self.in_flight: set[Sequence] = set()
@@ -134,6 +138,7 @@ class AsyncEngine:
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,
             "preemptions": self.scheduler.num_preemptions,
+            **bm.stats(),
             "requests_finished": self.requests_finished,
             "finished_by_reason": dict(self.finished_by_reason),
             "prompt_tokens": self.prompt_tokens,
@@ -196,8 +201,9 @@ class AsyncEngine:
         seq = Sequence(request.request_id, list(request.prompt_token_ids), max_tokens)
         sampling = SequenceSampling(p, stops, seq.prompt, seq.output, request.resume_offset, grammar=grammar)
         seq.state = RequestState(request, sampling, asyncio.Queue(), detok, stops)
-        if p.prompt_logprobs is not None:
+        if p.prompt_logprobs is not None:  # every prompt position's logits: computed, not cached
             seq.state.prompt_logprobs = [None] * len(seq.prompt)
+            seq.use_prefix_cache = False
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens += len(seq.prompt)
@@ -266,7 +272,7 @@ class AsyncEngine:
             toks, lps = sample(logits, [s.state.sampling for s in sampled])
             picks = dict(zip(map(id, sampled), zip(toks, lps, strict=True), strict=True))
         for c in chunks:
-            c.seq.num_computed = c.start + c.n
+            self.scheduler.computed(c.seq, c.start + c.n)
             if c.samples:
                 self._on_token(c.seq, *picks[id(c.seq)])
             elif c.seq.state.done:

@@ -6,51 +6,159 @@ Each step the scheduler picks, under a token budget and the KV-block budget:
      is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
      from its prompt plus the tokens it already produced (preemption by recompute);
   2. then waiting sequences, oldest first, each admitted only if the blocks for its first chunk are free
-     (admission control: a request waits rather than overcommitting memory).
+     (admission control: a request waits rather than overcommitting memory); a sequence whose prompt
+     starts with cached blocks (automatic prefix caching, see BlockManager) takes them, counts only its
+     uncached blocks, and starts its prefill at its first uncached token.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-from collections import deque
+from array import array
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 
 class BlockManager:
-    """Fixed pool of KV blocks of `block_size` positions; a sequence owns a list of block ids."""
+    """Fixed pool of KV blocks of `block_size` positions; a sequence holds a list of block ids.
 
-    def __init__(self, num_blocks: int, block_size: int):
+    Automatic prefix caching (on unless `prefix_caching=False`): a full block is named by a hash chained
+    over its tokens and its parent block's hash (and `salt`, what else changes the KV: the model), so one
+    hash stands for the whole prefix up to that block. Blocks are reference-counted; a block no sequence
+    holds keeps its contents and its name and is evicted least recently released first, only when a new
+    block is needed (a sequence's tail blocks go before its head, so the chains that stay are prefixes).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True, salt: bytes = b""):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.prefix_caching, self.salt = prefix_caching, salt
+        self._free = list(range(num_blocks - 1, -1, -1))  # blocks without cached contents
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by no one; LRU first
+        self._ref = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}
+        self._by_hash: dict[bytes, int] = {}
+        self.queries = 0  # prompt tokens looked up at admission
+        self.hits = 0  # of which served from cached blocks
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can be given: never used, or cached and held by no one."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._by_hash)
 
     def blocks_for(self, num_positions: int) -> int:
         return -(-num_positions // self.block_size)
 
     def can_grow(self, table: list[int], num_positions: int) -> bool:
-        return self.blocks_for(num_positions) - len(table) <= len(self._free)
+        return self.blocks_for(num_positions) - len(table) <= self.num_free
 
     def grow(self, table: list[int], num_positions: int) -> None:
         """Extends `table` in place so it covers `num_positions` positions."""
         need = self.blocks_for(num_positions) - len(table)
-        assert need <= len(self._free), "grow without can_grow"
+        assert need <= self.num_free, "grow without can_grow"
         for _ in range(max(0, need)):
-            table.append(self._free.pop())
+            table.append(self._take())
 
     def release(self, table: list[int]) -> None:
-        self._free.extend(reversed(table))
+        for b in reversed(table):  # the tail first: evicted before the blocks it extends
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if b in self._hash_of:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
         table.clear()
+
+    def _take(self) -> int:
+        if self._free:
+            b = self._free.pop()
+        else:
+            b, _ = self._evictable.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(b)]
+            self.evictions += 1
+        self._ref[b] = 1
+        return b
+
+    # ---- prefix caching ------------------------------------------------------------------------
+    def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The chained hashes of `seq`'s first `num_blocks` full blocks (computed once per sequence)."""
+        bs, have = self.block_size, seq.block_hashes
+        while len(have) < num_blocks:
+            i = len(have)
+            h = hashlib.blake2b(have[-1] if have else self.salt, digest_size=16)
+            h.update(array("q", seq.token_slice(i * bs, bs)).tobytes())
+            have.append(h.digest())
+        return have[:num_blocks]
+
+    def match(self, seq: Sequence) -> list[int]:
+        """The cached blocks that hold `seq`'s longest cached prefix of full blocks, leaving at least its
+        last token to compute (its logits sample the next token)."""
+        if not self.prefix_caching or not seq.use_prefix_cache:
+            return []
+        hit = []
+        for h in self.hashes(seq, (seq.num_tokens - 1) // self.block_size):
+            b = self._by_hash.get(h)
+            if b is None:
+                break
+            hit.append(b)
+        return hit
+
+    def can_admit(self, hit: list[int], num_positions: int) -> bool:
+        """Whether a sequence whose prefix is `hit` can be given blocks up to `num_positions`: only its
+        uncached blocks count, and a hit block that nobody holds stops being free once taken."""
+        idle = sum(1 for b in hit if self._ref[b] == 0)
+        return self.blocks_for(num_positions) - len(hit) <= self.num_free - idle
+
+    def take_prefix(self, seq: Sequence, hit: list[int]) -> None:
+        """Gives `seq` (no blocks yet) the cached blocks `hit`; its prefill starts after them."""
+        assert not seq.block_table
+        for b in hit:
+            if self._ref[b] == 0:
+                del self._evictable[b]
+            self._ref[b] += 1
+        seq.block_table.extend(hit)
+        seq.num_computed = seq.num_registered = len(hit) * self.block_size
+        if self.prefix_caching and seq.use_prefix_cache:
+            self.queries += seq.num_tokens
+            self.hits += seq.num_computed
+
+    def register(self, seq: Sequence) -> None:
+        """Names the blocks `seq` has filled since the last call, so later sequences can share them."""
+        if not self.prefix_caching:
+            return
+        bs = self.block_size
+        full = seq.num_computed // bs
+        first = seq.num_registered // bs
+        if full <= first:
+            return
+        for i, h in enumerate(self.hashes(seq, full)[first:], start=first):
+            b = seq.block_table[i]
+            if h not in self._by_hash and b not in self._hash_of:  # else an equal block is named already
+                self._by_hash[h] = b
+                self._hash_of[b] = h
+        seq.num_registered = full * bs
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "prefix_cache_queries": self.queries,
+            "prefix_cache_hits": self.hits,
+            "prefix_cache_hit_rate": self.hits / self.queries if self.queries else 0.0,
+            "prefix_cache_blocks": self.num_cached,
+            "prefix_cache_evictions": self.evictions,
+        }
 
 
 class Status(Enum):
@@ -73,6 +181,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     order: int = field(default_factory=lambda: next(_order))
     num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks
+    num_registered: int = 0  # positions whose blocks are named in the prefix cache
+    use_prefix_cache: bool = True  # False: computed from its first token (e.g. for prompt logprobs)
     state: Any = None  # the engine's per-request state (sampler, detokenizer, queue)
 
     @property
@@ -129,11 +240,14 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+            seq = self.waiting[0]  # holds no blocks: new, or preempted (its blocks released)
+            hit = self.blocks.match(seq)
+            start = len(hit) * self.blocks.block_size
+            n = min(seq.num_tokens - start, budget)
+            if not self.blocks.can_admit(hit, start + n):
                 break
             self.waiting.popleft()
+            self.blocks.take_prefix(seq, hit)
             self.blocks.grow(seq.block_table, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -151,9 +265,15 @@ class Scheduler:
         self.blocks.grow(seq.block_table, num_positions)
         return True
 
+    def computed(self, seq: Sequence, num_computed: int) -> None:
+        """A step computed `seq`'s positions up to `num_computed`: its newly full blocks become shareable."""
+        seq.num_computed = num_computed
+        self.blocks.register(seq)
+
     def preempt(self, seq: Sequence) -> None:
+        """Frees the blocks of `seq` (they stay cached: its recompute starts from its cached prefix)."""
         self.blocks.release(seq.block_table)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_registered = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -49,3 +49,18 @@ def test_remote_equals_in_process(ray_cluster, references, family, transport, nu
         assert err <= 1e-5, f"{family} {transport} G={num_groups}: max abs logit error {err:.3g}"
     assert tokens == want_tokens
     assert calls > 0
+
+
+def test_prefix_cached_blocks_over_grpc_equal_a_recompute(ray_cluster, references):
+    """Automatic prefix caching with the experts behind gRPC: a request served from cached blocks has the
+    logprobs of one computed in full (the KV is the router's; the expert groups only see the new tokens)."""
+    import asyncio
+
+    from tests.unit.test_prefix_cache import assert_same, cached_then_fresh
+
+    path, _, _ = references(SWEPT)
+    with Engine.from_pretrained(path, dispatcher="grpc", num_groups=2) as engine:
+        got, want, hits = asyncio.run(cached_then_fresh(engine.spec, engine.model, engine.dispatcher))
+        tokens_routed = sum(engine.dispatcher.stats()["tokens_per_group"].values())
+    assert hits == 44 and tokens_routed > 0
+    assert_same(got, want)

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -134,6 +135,38 @@ def test_lm_eval_local_completions_against_emoe_serve(serve, demo_model):
             assert score == pytest.approx(want, abs=1e-4)
         greedy = engine.generate([tok.encode(pairs[0][0])], max_tokens=5)[0]
     assert text == tok.decode(greedy).split("\n\n")[0]
+
+
+def test_a_repeated_long_prompt_is_served_from_cached_blocks(serve):
+    """Automatic prefix caching through `emoe serve`: the second identical long prompt hits cached KV blocks
+    (the prefix-cache metrics rise on /metrics, under both names) and its greedy output is the first's."""
+    import openai
+
+    def metrics() -> dict[str, float]:
+        text = urllib.request.urlopen(serve.http + "/metrics", timeout=30).read().decode()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(("emoe_prefix_cache", "vllm:prefix_cache"))
+        }
+
+    c = openai.OpenAI(base_url=serve.http + "/v1", api_key="x", max_retries=0, timeout=60)
+    prompt = " ".join(f"tool result line {i}: the build passed in {i % 7} seconds." for i in range(30))
+    before = metrics().get("emoe_prefix_cache_hits_total", 0.0)
+    texts = [
+        c.completions.create(model="demo", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+        for _ in range(2)
+    ]
+    assert texts[0] == texts[1]
+    m = wait_until(
+        metrics,
+        30,
+        "the prefix-cache hits of the second request on /metrics",
+        until=lambda m: m.get("emoe_prefix_cache_hits_total", 0.0) - before >= 128,
+    )
+    vllm_hits = [v for k, v in m.items() if k.startswith("vllm:prefix_cache_hits_total")]
+    assert vllm_hits == [m["emoe_prefix_cache_hits_total"]], m
+    assert m["emoe_prefix_cache_queries_total"] >= 2 * 128 and m["emoe_prefix_cache_blocks"] >= 8
 
 
 def test_structured_outputs_through_the_router(serve):

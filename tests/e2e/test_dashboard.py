@@ -129,6 +129,8 @@ def test_metrics_match_the_load(ops_app):
         "emoe_placement_version",
         "emoe_load_imbalance",
         "emoe_failovers_total",
+        "emoe_prefix_cache_hits_total",
+        "emoe_prefix_cache_hit_ratio",
     ):
         assert name in m, name
     assert any(k.startswith("emoe_dispatch_latency_seconds_bucket") for k in m)

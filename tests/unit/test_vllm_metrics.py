@@ -26,6 +26,8 @@ VLLM_NAMES = {  # as vLLM documents them (family names: counters without the _to
     "vllm:generation_tokens": "counter",
     "vllm:request_success": "counter",
     "vllm:num_preemptions": "counter",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter",
 }
 
 

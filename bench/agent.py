@@ -1,0 +1,185 @@
+"""`emoe bench agent`: an agent-shaped multi-turn workload with automatic prefix caching on and off.
+
+    emoe bench agent [--model DIR | --preset bench-small] [--sessions 8] [--turns 10] [--system 1500]
+                     [--per-turn 200] [--output-len 32] [--rounds 1] [--out bench-results/agent]
+
+`sessions` concurrent sessions, each a conversation of `turns` turns: every prompt is the shared system
+prompt (`system` tokens, the same for every session), then the session's own history — each earlier
+turn's user/tool addition (`per-turn` tokens, what a tool result adds) and the model's reply to it — then
+the new addition. Each session sends its next turn when its previous reply has finished, as an agent does.
+One in-process AsyncEngine per mode (prefix caching on, off), the modes in turn (`rounds` times each), on
+the same model and the same token streams.
+
+Reported per mode: TTFT p50 / p99 (submission to first token), prompt tokens sent and actually computed
+(sent minus prefix-cache hits), hit rate, output tokens/s over the run and its wall time; and the ratios
+on / off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.perf import _machine
+from emoe.api import GenerateRequest, SamplingParams
+from emoe.demo import write_demo_model
+from router import Engine
+from router.engine.async_engine import AsyncEngine, EngineConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="emoe bench agent", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: a preset)")
+    ap.add_argument("--preset", default="bench-small")
+    ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--system", type=int, default=1500, help="tokens of the shared system prompt")
+    ap.add_argument("--per-turn", type=int, default=200, help="tokens each turn adds (a tool result)")
+    ap.add_argument("--output-len", type=int, default=32, help="tokens of each reply")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--kv-blocks", type=int, default=0, help="default: room for every session's history")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("bench-results/agent"), help="writes OUT.md/.json")
+    return ap
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def run_mode(engine: Engine, args, cached: bool, kv_blocks: int) -> dict:
+    cfg = EngineConfig(
+        kv_blocks=kv_blocks,
+        max_num_seqs=max(64, args.sessions),
+        max_context=kv_blocks * 16,
+        prefix_caching=cached,
+    )
+    ae = AsyncEngine(engine.spec, engine.model, engine.dispatcher, cfg)
+    vocab = engine.spec.vocab_size
+    rng = random.Random(args.seed)  # the same token streams for both modes
+    system = [rng.randrange(3, vocab) for _ in range(args.system)]
+    additions = [
+        [[rng.randrange(3, vocab) for _ in range(args.per_turn)] for _ in range(args.turns)]
+        for _ in range(args.sessions)
+    ]
+    ttfts: list[float] = []
+    sent = outputs = 0
+
+    async def session(s: int) -> None:
+        nonlocal sent, outputs
+        history: list[int] = []
+        for t in range(args.turns):
+            prompt = system + history + additions[s][t]
+            sampling = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len)
+            t0 = time.perf_counter()
+            reply: list[int] = []
+            async for chunk in ae.generate(GenerateRequest(f"s{s}t{t}", tuple(prompt), sampling)):
+                if chunk.token_ids and not reply:
+                    ttfts.append(time.perf_counter() - t0)
+                reply.extend(chunk.token_ids)
+            sent += len(prompt)
+            outputs += len(reply)
+            history = history + additions[s][t] + reply
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(session(i) for i in range(args.sessions)))
+        wall = time.perf_counter() - t0
+        st = ae.stats()
+    finally:
+        await ae.close()
+    computed = sent - st["prefix_cache_hits"]
+    return {
+        "mode": "cache on" if cached else "cache off",
+        "requests": len(ttfts),
+        "ttft_p50_ms": statistics.median(ttfts) * 1e3,
+        "ttft_p99_ms": percentile(ttfts, 0.99) * 1e3,
+        "prompt_tokens_sent": sent,
+        "prompt_tokens_computed": computed,
+        "computed_share": computed / sent,
+        "hit_rate": st["prefix_cache_hit_rate"],
+        "output_tok_s": outputs / wall,
+        "wall_s": wall,
+        "evictions": st["prefix_cache_evictions"],
+        "preemptions": st["preemptions"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    longest = args.system + args.turns * (args.per_turn + args.output_len)
+    kv_blocks = args.kv_blocks or -(-longest * args.sessions // 16) + 64
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or write_demo_model(Path(tmp) / args.preset, preset=args.preset, dtype=args.dtype)
+        with Engine.from_pretrained(path, dtype=args.dtype) as engine:
+            started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            warm = argparse.Namespace(**{**vars(args), "sessions": 2, "turns": 2, "seed": args.seed + 1})
+            asyncio.run(run_mode(engine, warm, False, kv_blocks))  # warm-up: kernels, allocator
+            runs: dict[bool, list[dict]] = {True: [], False: []}
+            for _ in range(args.rounds):
+                for cached in (True, False):
+                    r = asyncio.run(run_mode(engine, args, cached, kv_blocks))
+                    print(f"[bench] {r}", file=sys.stderr)
+                    runs[cached].append(r)
+            spec = engine.spec
+    rows = []
+    for cached in (True, False):
+        rs = runs[cached]
+        rows.append(
+            {
+                k: statistics.median(r[k] for r in rs) if not isinstance(rs[0][k], str) else rs[0][k]
+                for k in rs[0]
+            }
+        )
+    on, off = rows
+    head = (
+        f"Model `{spec.family}` {spec.num_layers} layers, hidden {spec.hidden_size}, {spec.num_experts} experts,"
+        f" {args.dtype}; in process. Machine: {_machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. {started}.\n"
+        f"{args.sessions} sessions × {args.turns} turns, {args.system}-token shared system prompt, "
+        f"+{args.per_turn} tokens per turn, {args.output_len}-token replies; {args.rounds} round(s), the modes "
+        f"in turn, medians over rounds; {kv_blocks} KV blocks of 16.\n"
+    )
+    table = [
+        "| mode | TTFT p50 (ms) | TTFT p99 (ms) | prompt tokens sent | computed | computed / sent | hit rate | "
+        "output tok/s | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {r['mode']} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['prompt_tokens_sent']:.0f} | "
+        f"{r['prompt_tokens_computed']:.0f} | {r['computed_share']:.1%} | {r['hit_rate']:.1%} | "
+        f"{r['output_tok_s']:.1f} | {r['wall_s']:.1f} |"
+        for r in rows
+    ]
+    ratios = (
+        f"\nTTFT p50 off / on: **{off['ttft_p50_ms'] / on['ttft_p50_ms']:.1f}×**; TTFT p99 off / on: "
+        f"{off['ttft_p99_ms'] / on['ttft_p99_ms']:.1f}×; output tok/s on / off: "
+        f"{on['output_tok_s'] / off['output_tok_s']:.2f}×; prompt tokens computed with caching: "
+        f"{on['computed_share']:.1%} of those sent.\n"
+    )
+    md = head + "\n" + "\n".join(table) + "\n" + ratios
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(md)
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {"args": vars(args) | {"out": str(args.out), "model": str(args.model)}, "rows": rows}, indent=1
+        )
+    )
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
