@@ -94,23 +94,25 @@ class BlockManager:
 
     # ---- prefix caching ------------------------------------------------------------------------
     def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        """The chained hashes of `seq`'s first `num_blocks` full blocks (computed once per sequence)."""
+        """`seq.block_hashes`, extended to at least its first `num_blocks` full blocks' chained hashes
+        (each computed once per sequence; not copied: callers index it)."""
         bs, have = self.block_size, seq.block_hashes
         while len(have) < num_blocks:
             i = len(have)
             h = hashlib.blake2b(have[-1] if have else self.salt, digest_size=16)
             h.update(array("q", seq.token_slice(i * bs, bs)).tobytes())
             have.append(h.digest())
-        return have[:num_blocks]
+        return have
 
     def match(self, seq: Sequence) -> list[int]:
         """The cached blocks that hold `seq`'s longest cached prefix of full blocks, leaving at least its
         last token to compute (its logits sample the next token)."""
         if not self.prefix_caching or not seq.use_prefix_cache:
             return []
-        hit = []
-        for h in self.hashes(seq, (seq.num_tokens - 1) // self.block_size):
-            b = self._by_hash.get(h)
+        hit, limit = [], (seq.num_tokens - 1) // self.block_size
+        hashes = self.hashes(seq, limit)
+        for i in range(limit):
+            b = self._by_hash.get(hashes[i])
             if b is None:
                 break
             hit.append(b)
@@ -144,8 +146,9 @@ class BlockManager:
         first = seq.num_registered // bs
         if full <= first:
             return
-        for i, h in enumerate(self.hashes(seq, full)[first:], start=first):
-            b = seq.block_table[i]
+        hashes = self.hashes(seq, full)
+        for i in range(first, full):
+            h, b = hashes[i], seq.block_table[i]
             if h not in self._by_hash and b not in self._hash_of:  # else an equal block is named already
                 self._by_hash[h] = b
                 self._hash_of[b] = h
