@@ -121,7 +121,17 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                     cfg.expert_torch_threads,
                 )
             )
-    router = _deployment(RouterServer, "Router", num_replicas=cfg.routers).bind(args, registry, groups)
+    routing = {}
+    if cfg.prefix_aware_routing and cfg.prefix_caching and cfg.routers > 1:
+        from ray.serve.config import RequestRouterConfig
+
+        routing["request_router_config"] = RequestRouterConfig(
+            request_router_class="cluster.prefix_routing:PrefixAffinityRouter",
+            request_router_kwargs={"imbalance": cfg.prefix_routing_imbalance},
+        )
+    router = _deployment(RouterServer, "Router", num_replicas=cfg.routers, **routing).bind(
+        args, registry, groups
+    )
     return _deployment(Frontend, "Frontend", num_replicas=1).bind(args, router, registry)
 
 

@@ -60,6 +60,15 @@ class AppConfig(BaseModel):
         description="automatic prefix caching: full KV blocks of earlier prompts are reused by requests that "
         "start with the same tokens (false: every prompt is computed in full)",
     )
+    prefix_aware_routing: bool = Field(
+        True,
+        description="with several routers: send a request to the router that served its prompt's prefix "
+        "(its KV blocks are cached there) unless that router is prefix_routing_imbalance requests busier than "
+        "the least loaded (false: Serve's default, power of two choices)",
+    )
+    prefix_routing_imbalance: int = Field(
+        4, ge=0, description="requests a router may be above the least loaded and still get its prefixes"
+    )
     tool_call_parser: str = Field(
         "auto",
         description="tool-call format of the chat API: auto (the model family's), minimax_m2, hermes, deepseek_v3, "

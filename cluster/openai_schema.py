@@ -329,7 +329,13 @@ class Reply:
         once however many choices it has)."""
         prompt = sum(c.prompt_tokens for i, c in lasts.items() if i % self.n == 0)
         completion = sum(c.completion_tokens for c in lasts.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(max(0, c.cached_tokens) for i, c in lasts.items() if i % self.n == 0)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def usage_chunk(self, lasts: dict[int, GenerateChunk]) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"

@@ -191,6 +191,7 @@ class GenerateChunk:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     index: int = 0  # which of a request's `n` choices (set by `fan_out`)
     stop_string: str | None = None  # on the last chunk: the stop string that ended it, if one did
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (at the request's first admission)
 
 
 @dataclass(frozen=True)

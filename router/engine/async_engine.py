@@ -381,7 +381,9 @@ class AsyncEngine:
 
     def _chunk(self, seq: Sequence, toks: list[int], text: str, finish: str | None) -> GenerateChunk:
         prompt_tokens, completion_tokens = seq.state.request.usage(len(seq.output))
-        return GenerateChunk(seq.request_id, toks, text, finish, prompt_tokens, completion_tokens)
+        chunk = GenerateChunk(seq.request_id, toks, text, finish, prompt_tokens, completion_tokens)
+        chunk.cached_tokens = seq.cached_tokens
+        return chunk
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         state: RequestState = seq.state

@@ -133,6 +133,8 @@ class BlockManager:
             self._ref[b] += 1
         seq.block_table.extend(hit)
         seq.num_computed = seq.num_registered = len(hit) * self.block_size
+        if seq.cached_tokens < 0:
+            seq.cached_tokens = seq.num_computed
         if self.prefix_caching and seq.use_prefix_cache:
             self.queries += seq.num_tokens
             self.hits += seq.num_computed
@@ -187,6 +189,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks
     num_registered: int = 0  # positions whose blocks are named in the prefix cache
     use_prefix_cache: bool = True  # False: computed from its first token (e.g. for prompt logprobs)
+    cached_tokens: int = -1  # positions served from the prefix cache at its first admission (-1: not yet)
     state: Any = None  # the engine's per-request state (sampler, detokenizer, queue)
 
     @property

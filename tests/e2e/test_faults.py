@@ -29,7 +29,28 @@ def faults_app(launch, demo_model):
         admin_token="adm1n",
     )
     app = launch(APP, "/faults", cfg)
+    faults_http.append(app.http)
     return app.grpc, app.handle
+
+
+faults_http: list[str] = []  # the HTTP base URL of the module's app
+
+
+def test_prefix_aware_routing_sends_a_repeated_prompt_to_the_router_that_cached_it(faults_app):
+    """2 routers: a prompt sent again goes to the router that served it before, so every repeat is served
+    from its cached blocks (Serve's default, power of two choices, would send some to the other router)."""
+    import openai
+
+    c = openai.OpenAI(base_url=faults_http[0] + "/faults/v1", api_key="x", max_retries=0, timeout=60)
+    [model] = c.models.list().data
+    prompt = " ".join(f"file {i}: all {i % 5} checks passed." for i in range(25))
+    usage = [
+        c.completions.create(model=model.id, prompt=prompt, max_tokens=2, temperature=0).usage
+        for _ in range(5)
+    ]
+    cached = [u.prompt_tokens_details.cached_tokens for u in usage]
+    assert usage[0].prompt_tokens >= 160 and cached[0] == 0, usage[0]
+    assert all(n >= 160 for n in cached[1:]), cached  # at least 10 blocks of 16 on every repeat
 
 
 def replica_actor(deployment: str):
