@@ -95,7 +95,6 @@ class PrefixAffinityRouter(RequestRouter):  # type: ignore[misc,valid-type]
 
     def initialize_state(self, imbalance: int = 4, max_entries: int = 500_000, **_):
         self.policy = PrefixAffinity(imbalance=imbalance, max_entries=max_entries)
-        self._routed_to: dict[str, object] = {}
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         by_id = {r.replica_id: r for r in candidate_replicas}
@@ -104,12 +103,8 @@ class PrefixAffinityRouter(RequestRouter):  # type: ignore[misc,valid-type]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
         self.policy.routed(replica_id, _prompt(pending_request))
-        rid = getattr(getattr(pending_request, "metadata", None), "internal_request_id", None)
-        if rid is not None:
-            self._routed_to[rid] = replica_id
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
-        self._routed_to.pop(internal_request_id, None)
         self.policy.completed(replica_id)
 
     def on_replica_actor_died(self, replica_id) -> None:
