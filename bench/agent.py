@@ -1,14 +1,17 @@
 """`emoe bench agent`: an agent-shaped multi-turn workload with automatic prefix caching on and off.
 
     emoe bench agent [--model DIR | --preset bench-small] [--sessions 8] [--turns 10] [--system 1500]
-                     [--per-turn 200] [--output-len 32] [--rounds 1] [--out bench-results/agent]
+                     [--per-turn 200] [--output-len 32] [--rounds 1] [--routers 2] [--out bench-results/agent]
 
 `sessions` concurrent sessions, each a conversation of `turns` turns: every prompt is the shared system
 prompt (`system` tokens, the same for every session), then the session's own history — each earlier
 turn's user/tool addition (`per-turn` tokens, what a tool result adds) and the model's reply to it — then
 the new addition. Each session sends its next turn when its previous reply has finished, as an agent does.
 One in-process AsyncEngine per mode (prefix caching on, off), the modes in turn (`rounds` times each), on
-the same model and the same token streams.
+the same model and the same token streams. With `--routers N` (default 2) two more modes, caching on:
+N router engines in this process sharing the model, each with 1/N of the KV pool (the same memory), a
+request going to one of them by the prefix-aware policy of `cluster.prefix_routing` (what the Router
+deployment's Serve request router runs) or by round robin.
 
 Reported per mode: TTFT p50 / p99 (submission to first token), prompt tokens sent and actually computed
 (sent minus prefix-cache hits), hit rate, output tokens/s over the run and its wall time; and the ratios
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 from bench.perf import _machine
+from cluster.prefix_routing import PrefixAffinity
 from emoe.api import GenerateRequest, SamplingParams
 from emoe.demo import write_demo_model
 from router import Engine
@@ -47,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-turn", type=int, default=200, help="tokens each turn adds (a tool result)")
     ap.add_argument("--output-len", type=int, default=32, help="tokens of each reply")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument(
+        "--routers", type=int, default=2, help="also N router engines: prefix-aware vs round robin (1: skip)"
+    )
     ap.add_argument("--kv-blocks", type=int, default=0, help="default: room for every session's history")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
@@ -59,14 +66,41 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def run_mode(engine: Engine, args, cached: bool, kv_blocks: int) -> dict:
+class Front:
+    """Which of `n` router engines takes a request: `prefix-aware` (cluster.prefix_routing's policy, the
+    one the Serve deployment's request router runs) or `round robin`."""
+
+    def __init__(self, n: int, routing: str):
+        self.n, self.routing, self.next = n, routing, 0
+        self.policy = PrefixAffinity()
+
+    def pick(self, prompt: list[int]) -> int:
+        if self.routing == "round robin":
+            self.next += 1
+            return (self.next - 1) % self.n
+        r = self.policy.rank(list(range(self.n)), prompt)[0][0]
+        self.policy.routed(r, prompt)
+        return r
+
+    def done(self, r: int) -> None:
+        if self.routing != "round robin":
+            self.policy.completed(r)
+
+
+async def run_mode(
+    engine: Engine, args, cached: bool, kv_blocks: int, routers: int = 1, routing: str = "prefix-aware"
+) -> dict:
+    """One mode: `routers` engines (each with kv_blocks / routers blocks: the same memory in all) behind
+    a `routing` front."""
+    per_router = kv_blocks // routers
     cfg = EngineConfig(
-        kv_blocks=kv_blocks,
+        kv_blocks=per_router,
         max_num_seqs=max(64, args.sessions),
-        max_context=kv_blocks * 16,
+        max_context=per_router * 16,
         prefix_caching=cached,
     )
-    ae = AsyncEngine(engine.spec, engine.model, engine.dispatcher, cfg)
+    engines = [AsyncEngine(engine.spec, engine.model, engine.dispatcher, cfg) for _ in range(routers)]
+    front = Front(routers, routing)
     vocab = engine.spec.vocab_size
     rng = random.Random(args.seed)  # the same token streams for both modes
     system = [rng.randrange(3, vocab) for _ in range(args.system)]
@@ -85,10 +119,12 @@ async def run_mode(engine: Engine, args, cached: bool, kv_blocks: int) -> dict:
             sampling = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len)
             t0 = time.perf_counter()
             reply: list[int] = []
-            async for chunk in ae.generate(GenerateRequest(f"s{s}t{t}", tuple(prompt), sampling)):
+            r = front.pick(prompt)
+            async for chunk in engines[r].generate(GenerateRequest(f"s{s}t{t}", tuple(prompt), sampling)):
                 if chunk.token_ids and not reply:
                     ttfts.append(time.perf_counter() - t0)
                 reply.extend(chunk.token_ids)
+            front.done(r)
             sent += len(prompt)
             outputs += len(reply)
             history = history + additions[s][t] + reply
@@ -97,19 +133,22 @@ async def run_mode(engine: Engine, args, cached: bool, kv_blocks: int) -> dict:
         t0 = time.perf_counter()
         await asyncio.gather(*(session(i) for i in range(args.sessions)))
         wall = time.perf_counter() - t0
-        st = ae.stats()
+        each = [ae.stats() for ae in engines]
     finally:
-        await ae.close()
+        for ae in engines:
+            await ae.close()
+    st = {k: sum(e[k] for e in each) for k in ("prefix_cache_hits", "prefix_cache_evictions", "preemptions")}
     computed = sent - st["prefix_cache_hits"]
+    mode = "cache on" if cached else "cache off"
     return {
-        "mode": "cache on" if cached else "cache off",
+        "mode": mode if routers == 1 else f"{routers} routers, {routing}",
         "requests": len(ttfts),
         "ttft_p50_ms": statistics.median(ttfts) * 1e3,
         "ttft_p99_ms": percentile(ttfts, 0.99) * 1e3,
         "prompt_tokens_sent": sent,
         "prompt_tokens_computed": computed,
         "computed_share": computed / sent,
-        "hit_rate": st["prefix_cache_hit_rate"],
+        "hit_rate": st["prefix_cache_hits"] / sent,
         "output_tok_s": outputs / wall,
         "wall_s": wall,
         "evictions": st["prefix_cache_evictions"],
@@ -127,23 +166,25 @@ def main(argv: list[str] | None = None) -> int:
             started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             warm = argparse.Namespace(**{**vars(args), "sessions": 2, "turns": 2, "seed": args.seed + 1})
             asyncio.run(run_mode(engine, warm, False, kv_blocks))  # warm-up: kernels, allocator
-            runs: dict[bool, list[dict]] = {True: [], False: []}
+            modes = [(True, 1, ""), (False, 1, "")]
+            if args.routers > 1:
+                modes += [(True, args.routers, "prefix-aware"), (True, args.routers, "round robin")]
+            runs: dict[tuple, list[dict]] = {m: [] for m in modes}
             for _ in range(args.rounds):
-                for cached in (True, False):
-                    r = asyncio.run(run_mode(engine, args, cached, kv_blocks))
+                for m in modes:
+                    r = asyncio.run(run_mode(engine, args, m[0], kv_blocks, m[1], m[2] or "prefix-aware"))
                     print(f"[bench] {r}", file=sys.stderr)
-                    runs[cached].append(r)
+                    runs[m].append(r)
             spec = engine.spec
     rows = []
-    for cached in (True, False):
-        rs = runs[cached]
+    for rs in runs.values():
         rows.append(
             {
                 k: statistics.median(r[k] for r in rs) if not isinstance(rs[0][k], str) else rs[0][k]
                 for k in rs[0]
             }
         )
-    on, off = rows
+    on, off = rows[:2]
     head = (
         f"Model `{spec.family}` {spec.num_layers} layers, hidden {spec.hidden_size}, {spec.num_experts} experts,"
         f" {args.dtype}; in process. Machine: {_machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -169,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{on['output_tok_s'] / off['output_tok_s']:.2f}×; prompt tokens computed with caching: "
         f"{on['computed_share']:.1%} of those sent.\n"
     )
+    if len(rows) == 4:
+        aware, rr = rows[2:]
+        ratios += (
+            f"{args.routers} router engines, {kv_blocks // args.routers} KV blocks each (the one engine's pool "
+            f"split), caching on: hit rate prefix-aware / round robin **{aware['hit_rate'] / rr['hit_rate']:.2f}×**"
+            f" ({aware['hit_rate']:.1%} vs {rr['hit_rate']:.1%}); TTFT p50 round robin / prefix-aware "
+            f"{rr['ttft_p50_ms'] / aware['ttft_p50_ms']:.1f}×.\n"
+        )
     md = head + "\n" + "\n".join(table) + "\n" + ratios
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(md)

@@ -63,6 +63,7 @@ def run_engine(
     expert_threads: int = 1,
     roofline_bw: float | None = None,
     device: str = "cpu",
+    prefix_caching: bool = True,
 ) -> tuple[list[RequestResult], dict[str, Any]]:
     """`backend`: "inprocess" (the local dispatcher) or a remote dispatcher's name ("grpc", "dist")."""
     torch_dtype = parse_dtype(dtype)
@@ -75,7 +76,9 @@ def run_engine(
     async def serve() -> tuple[list[RequestResult], float, dict[str, Any]]:
         async with open_dispatcher(name, path, spec, torch_dtype, device, groups, options) as dispatcher:
             counted = CountingDispatcher(dispatcher, roof) if roof else dispatcher
-            engine = AsyncEngine(spec, model, counted, engine_config(work, workload, micro_batches))
+            engine = AsyncEngine(
+                spec, model, counted, engine_config(work, workload, micro_batches, prefix_caching)
+            )
             engine.on_step = log
             try:
                 await run_requests(engine, WARM_UP.make(spec.vocab_size), WARM_UP, "warm")
@@ -96,7 +99,9 @@ def run_engine(
     return results, extra
 
 
-def engine_config(work: Work, workload: Workload, micro_batches: int) -> EngineConfig:
+def engine_config(
+    work: Work, workload: Workload, micro_batches: int, prefix_caching: bool = True
+) -> EngineConfig:
     """KV, batch and queue room for the whole workload (and the warm-up requests) at once."""
     longest = max(max(len(p) + n for p, n, _ in work), 16)
     return EngineConfig(
@@ -107,6 +112,7 @@ def engine_config(work: Work, workload: Workload, micro_batches: int) -> EngineC
         max_queue=len(work) + 1,
         max_context=longest + 1,
         micro_batches=micro_batches,
+        prefix_caching=prefix_caching,
     )
 
 

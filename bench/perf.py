@@ -11,6 +11,8 @@ Backends, all fed the same requests (random token ids, greedy, eos ignored, seed
   inprocess     the AsyncEngine (continuous batching, paged KV) with the experts in this process
   grpc / dist   the same AsyncEngine as a router here, the experts in `groups` Ray actors reached over the
                 gRPC or the torch.distributed data plane (`--micro-batches 2`: ping-pong)
+  NAME@OPTS     a variant of an engine backend: `@2` two micro-batches, `@nocache` automatic prefix
+                caching off (on by default, as in `emoe serve`), joined with `+` (`grpc@2+nocache`)
 Load: closed loop of `concurrency` clients, or (`--rate`) Poisson arrivals at R requests/s.
 
 Reported per backend: output tokens/s, TTFT and TPOT p50 / p99, each as a ratio to `inprocess`; the
@@ -76,6 +78,7 @@ def run(
     `router_threads`: of the router when its experts are other processes on this machine (default 1: a
     router's idle OpenMP threads spin and take cores from the expert processes)."""
     unknown = [b for b in backends if b.split("@")[0] not in BACKENDS]
+    unknown += [b for b in backends if any(o not in ("", "nocache") and not o.isdigit() for o in _opts(b))]
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; choices: {', '.join(BACKENDS)}")
     threads = threads or os.cpu_count() or 1
@@ -97,7 +100,8 @@ def run(
             if b == "transformers":
                 results, extra = run_transformers(path, work, workload, dtype, device)
             else:
-                name, _, mb = b.partition("@")  # "grpc@2": two micro-batches
+                name, _, opts = b.partition("@")  # "grpc@2": two micro-batches; "inprocess@nocache"
+                mb = next((o for o in opts.split("+") if o.isdigit()), "")
                 with torch_threads(threads if name == "inprocess" else router_threads):
                     results, extra = run_engine(
                         path,
@@ -110,6 +114,7 @@ def run(
                         expert_threads=expert_threads,
                         roofline_bw=bw if name == "inprocess" else None,
                         device=device,
+                        prefix_caching="nocache" not in opts.split("+"),
                     )
             outputs[b] = results
             report.backends[b] = {**summarize(results, extra.pop("wall_s")), **extra}
@@ -119,6 +124,10 @@ def run(
                 report.backends[b]["same_tokens_as_inprocess"] = match_fraction(res, outputs["inprocess"])
         report.ratios()
         return report
+
+
+def _opts(backend: str) -> list[str]:
+    return backend.partition("@")[2].split("+")
 
 
 def describe(
@@ -201,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-len", type=_range, default=(16, 512))
     ap.add_argument("--output-len", type=_range, default=(32, 256))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backends", default=",".join(BACKENDS), help="grpc@2 = grpc with 2 micro-batches")
+    ap.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="grpc@2 = grpc with 2 micro-batches; inprocess@nocache = prefix caching off (grpc@2+nocache)",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--micro-batches", type=int, default=1, choices=[1, 2])

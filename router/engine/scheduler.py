@@ -8,7 +8,9 @@ Each step the scheduler picks, under a token budget and the KV-block budget:
   2. then waiting sequences, oldest first, each admitted only if the blocks for its first chunk are free
      (admission control: a request waits rather than overcommitting memory); a sequence whose prompt
      starts with cached blocks (automatic prefix caching, see BlockManager) takes them, counts only its
-     uncached blocks, and starts its prefill at its first uncached token.
+     uncached blocks, and starts its prefill at its first uncached token; one whose next block another
+     running sequence is computing right now (the `n` choices of one prompt, agents sharing a system
+     prompt) waits until that block is named, and then shares it instead of computing it again.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self._hash_of: dict[int, bytes] = {}
         self._by_hash: dict[bytes, int] = {}
+        self._filling: dict[bytes, Sequence] = {}  # a prompt block a running sequence is computing now
         self.queries = 0  # prompt tokens looked up at admission
         self.hits = 0  # of which served from cached blocks
         self.evictions = 0
@@ -118,6 +121,33 @@ class BlockManager:
             hit.append(b)
         return hit
 
+    def waits_for_fill(self, seq: Sequence, num_hit: int) -> bool:
+        """Whether the block after `seq`'s cached prefix is being computed by a running sequence with the
+        same prefix (e.g. another of `n` choices admitted just before): then `seq` is better admitted once
+        that block is named, to share it, than computing it a second time now."""
+        if not self._filling or not self.prefix_caching or not seq.use_prefix_cache:
+            return False
+        if num_hit >= (seq.num_tokens - 1) // self.block_size:
+            return False
+        return self.hashes(seq, num_hit + 1)[num_hit] in self._filling
+
+    def will_fill(self, seq: Sequence) -> None:
+        """`seq` was admitted: the full blocks of its known tokens past its cached prefix are in flight."""
+        if not self.prefix_caching:
+            return
+        full = seq.num_tokens // self.block_size
+        hashes = self.hashes(seq, full)
+        for i in range(seq.num_registered // self.block_size, full):
+            self._filling.setdefault(hashes[i], seq)
+
+    def unfill(self, seq: Sequence) -> None:
+        """`seq` stops computing (preempted, finished): its unnamed blocks are no longer in flight."""
+        if not self._filling:
+            return
+        for h in seq.block_hashes[seq.num_registered // self.block_size :]:
+            if self._filling.get(h) is seq:
+                del self._filling[h]
+
     def can_admit(self, hit: list[int], num_positions: int) -> bool:
         """Whether a sequence whose prefix is `hit` can be given blocks up to `num_positions`: only its
         uncached blocks count, and a hit block that nobody holds stops being free once taken."""
@@ -154,6 +184,8 @@ class BlockManager:
             if h not in self._by_hash and b not in self._hash_of:  # else an equal block is named already
                 self._by_hash[h] = b
                 self._hash_of[b] = h
+            if self._filling.get(h) is seq:
+                del self._filling[h]
         seq.num_registered = full * bs
 
     def stats(self) -> dict[str, Any]:
@@ -245,9 +277,13 @@ class Scheduler:
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]  # holds no blocks: new, or preempted (its blocks released)
             hit = self.blocks.match(seq)
+            if self.blocks.waits_for_fill(seq, len(hit)):  # its next block is being computed: share it
+                deferred.append(self.waiting.popleft())
+                continue
             start = len(hit) * self.blocks.block_size
             n = min(seq.num_tokens - start, budget)
             if not self.blocks.can_admit(hit, start + n):
@@ -255,16 +291,19 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.take_prefix(seq, hit)
             self.blocks.grow(seq.block_table, seq.num_computed + n)
+            self.blocks.will_fill(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # in their order, still ahead of later arrivals
         return chunks
 
     def _reserve(self, seq: Sequence, num_positions: int) -> bool:
         """Blocks for `num_positions` of a running sequence, preempting newer sequences if needed."""
         while not self.blocks.can_grow(seq.block_table, num_positions):
-            victim = max((s for s in self.running if s.status is Status.RUNNING), key=lambda s: s.order)
+            # the most recently admitted: later in `running` than `seq`, so not scheduled in this step yet
+            victim = next(s for s in reversed(self.running) if s.status is Status.RUNNING)
             self.preempt(victim)
             if victim is seq:
                 return False
@@ -278,6 +317,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Frees the blocks of `seq` (they stay cached: its recompute starts from its cached prefix)."""
+        self.blocks.unfill(seq)
         self.blocks.release(seq.block_table)
         seq.num_computed = seq.num_registered = 0
         seq.status = Status.WAITING
@@ -288,6 +328,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Frees the sequence's blocks at once (finished, stopped or cancelled)."""
+        self.blocks.unfill(seq)
         self.blocks.release(seq.block_table)
         if seq.status is Status.RUNNING:
             self.running.remove(seq)

@@ -127,6 +127,41 @@ def test_preempted_sequence_recomputes_from_its_cached_prefix():
     assert chunks[0].start >= 8 and bm.hits - hits == chunks[0].start  # recomputed after its cached prefix
 
 
+def test_sequences_admitted_together_share_the_blocks_one_of_them_computes():
+    """Three sequences of one prompt (the n choices of a request) added at once: the first computes the
+    prompt, the others wait for its blocks to be named and then start at its first uncached token."""
+    s = Scheduler(BlockManager(32, 4), max_batch_tokens=64)
+    prompt = list(range(1, 11))  # 2 full blocks and 2 positions
+    seqs = [Sequence(f"n{i}", prompt, 4) for i in range(3)]
+    other = Sequence("x", [90, 91, 92, 93, 94], 4)  # shares nothing: not held back
+    for q in [*seqs, other]:
+        s.add(q)
+    first = step(s)
+    assert [(c.seq.request_id, c.start, c.n) for c in first] == [("n0", 0, 10), ("x", 0, 5)]
+    second = step(s)
+    assert [(c.seq.request_id, c.start, c.n) for c in second] == [
+        ("n0", 10, 1),
+        ("x", 5, 1),
+        ("n1", 8, 2),
+        ("n2", 8, 2),
+    ]
+    assert seqs[1].block_table[:2] == seqs[2].block_table[:2] == seqs[0].block_table[:2]
+    assert s.blocks.stats()["prefix_cache_hits"] == 16
+
+
+def test_a_waiting_sequence_stops_waiting_when_the_one_filling_its_blocks_is_preempted_or_finished():
+    s = Scheduler(BlockManager(32, 4), max_batch_tokens=6)  # the 10-token prompt takes 2 steps
+    a, b = Sequence("a", list(range(1, 11)), 4), Sequence("b", list(range(1, 11)), 4)
+    s.add(a)
+    s.add(b)
+    assert [(c.seq.request_id, c.start, c.n) for c in step(s)] == [("a", 0, 6)]  # b waits for block 2
+    s.preempt(a)  # a's block [4..7] is no longer in flight: b may compute it
+    assert [(c.seq.request_id, c.start) for c in s.schedule()] == [("a", 4)]  # a first, from its hit
+    s.finish(a)
+    assert [(c.seq.request_id, c.start) for c in s.schedule()] == [("b", 4)]
+    assert not s.blocks._filling or all(q is b for q in s.blocks._filling.values())
+
+
 def test_prefix_caching_off_computes_everything():
     s = Scheduler(BlockManager(32, 4, prefix_caching=False), max_batch_tokens=64)
     run_prefill(s, a := Sequence("a", list(range(10)), 4))
@@ -228,6 +263,42 @@ def test_concurrent_sharing_under_eviction_and_preemption_equals_reference(demo)
     assert got == want
     assert stats["prefix_cache_hits"] > 0 and stats["preemptions"] > 0, stats
     assert stats["kv_blocks_used"] == 0  # everything released; cached blocks are free to evict
+
+
+def test_n_choices_of_one_prompt_share_its_blocks_and_equal_separate_runs(demo):
+    """Three seeded samples of one prompt submitted together (what `n=3` sends): the prompt is computed
+    once (the other two are served from its blocks) and each sample equals the same request run alone."""
+    prompt = LONG
+
+    def req(i):
+        return GenerateRequest(
+            f"n{i}", tuple(prompt), SamplingParams(max_tokens=6, temperature=1.0, seed=11 + i, logprobs=5)
+        )
+
+    async def collect(ae, i):
+        return [c async for c in ae.generate(req(i))]
+
+    async def together():
+        ae = make(demo, block_size=4)
+        got = await asyncio.gather(*(collect(ae, i) for i in range(3)))
+        stats = ae.stats()
+        await ae.close()
+        return got, stats
+
+    async def alone(i):
+        ae = make(demo, block_size=4, prefix_caching=False)
+        got = await collect(ae, i)
+        await ae.close()
+        return got
+
+    got, stats = asyncio.run(together())
+    assert stats["prefix_cache_hits"] == 2 * 44, stats  # 11 full blocks of 4, twice
+    for i, chunks in enumerate(got):
+        want = asyncio.run(alone(i))
+        toks = ([t for c in chunks for t in c.token_ids], [lp for c in chunks for lp in c.logprobs or ()])
+        ref = ([t for c in want for t in c.token_ids], [lp for c in want for lp in c.logprobs or ()])
+        assert_same(toks, ref)
+    assert [c.cached_tokens for c in (got[0][0], got[1][0], got[2][0])] == [0, 44, 44]
 
 
 def test_cached_blocks_stay_valid_across_a_placement_change(demo):

@@ -6,7 +6,8 @@ from router.engine.scheduler import BlockManager, Scheduler, Sequence, Status
 
 
 def seq(rid: str, n_prompt: int, max_tokens: int = 8) -> Sequence:
-    return Sequence(rid, list(range(n_prompt)), max_tokens)
+    base = 1000 * (1 + sum(map(ord, rid)))  # prompts of their own: no prefix shared between sequences
+    return Sequence(rid, list(range(base, base + n_prompt)), max_tokens)
 
 
 def step(s: Scheduler, sample_token: int = 7) -> list[tuple[str, int, bool]]:
