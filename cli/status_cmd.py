@@ -45,6 +45,14 @@ def render(state: dict) -> str:
         f"TPOT p50/p99 {_ms(router.get('tpot_s'), 0.5)} / {_ms(router.get('tpot_s'), 0.99)}   "
         f"failovers {router.get('failovers', 0)}",
     ]
+    routers = router.get("routers") or {}
+    if len(routers) > 1:
+        lines += ["", f"{'router':<34}{'running':>8}{'waiting':>8}{'KV':>6}{'cache hits':>12}"]
+        for rid, r in routers.items():
+            lines.append(
+                f"{rid[:33]:<34}{r.get('running', 0):>8}{r.get('waiting', 0):>8}"
+                f"{100 * r.get('kv_usage', 0):>5.0f}%{100 * r.get('prefix_cache_hit_rate', 0):>11.0f}%"
+            )
     events = state.get("events") or []
     for e in events[-5:]:
         if e["kind"] == "autoscale":

@@ -372,8 +372,7 @@ class _Message:
         return STOP_REASONS.get(self.last.finish_reason or "", "end_turn"), None
 
     def usage(self) -> dict:
-        prompt, completion = self.last.prompt_tokens, self.last.completion_tokens
-        return {"input_tokens": prompt, "output_tokens": completion}
+        return {**_input_usage(self.last), "output_tokens": self.last.completion_tokens}
 
     def content(self) -> list[dict]:
         out = []
@@ -400,7 +399,7 @@ class _Message:
 
     async def events(self, first, chunks):
         start = {**self._head(), "content": [], "stop_reason": None, "stop_sequence": None}
-        start["usage"] = {"input_tokens": first.prompt_tokens, "output_tokens": 0}
+        start["usage"] = {**_input_usage(first), "output_tokens": 0}
         yield _sse("message_start", {"type": "message_start", "message": start})
         try:
             chunk = first
@@ -414,6 +413,17 @@ class _Message:
             yield _sse("message_stop", {"type": "message_stop"})
         except Exception as exc:
             yield _sse("error", error_body(exc)[1])
+
+
+def _input_usage(chunk) -> dict:
+    """Anthropic's split of the prompt: `input_tokens` computed, `cache_read_input_tokens` served from the
+    prefix cache (their sum is the prompt); caching is automatic, so nothing is a cache write."""
+    cached = max(0, chunk.cached_tokens)
+    return {
+        "input_tokens": chunk.prompt_tokens - cached,
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
+    }
 
 
 def _sse(name: str, data: dict) -> str:

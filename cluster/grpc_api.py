@@ -307,6 +307,7 @@ def _response(
     if chunk.finish_reason:
         response.usage.prompt_tokens = chunk.prompt_tokens
         response.usage.completion_tokens = chunk.completion_tokens
+        response.usage.cached_tokens = max(0, chunk.cached_tokens)
     return response
 
 

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any
 
 from cluster.ops_vllm import vllm_families
+from cluster.router_stats import merge
 from emoe.metrics import Family, Histogram, render
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class OpsState:
             await asyncio.sleep(self.interval_s)
 
     async def refresh(self) -> dict[str, Any]:
-        router = await self.router.stats.remote()
+        per_router = await self.registry.router_stats.remote() if self.registry else {}
+        router = merge(per_router) if per_router else await self.router.stats.remote()
         report = await self.registry.load_report.remote() if self.registry else {}
         placement = await self.registry.placement_state.remote() if self.registry else {}
         _, entries = await self.registry.snapshot.remote() if self.registry else (0, [])
@@ -193,6 +195,17 @@ class OpsState:
             Family("emoe_prefix_cache_hit_ratio", "gauge", "Prefix-cache hits / queries since start"),
             Family("emoe_prefix_cache_blocks", "gauge", "KV blocks named in the prefix cache"),
             Family("emoe_prefix_cache_evictions_total", "counter", "Cached KV blocks evicted for new ones"),
+            Family("emoe_router_prefix_cache_queries_total", "counter", "Prefix-cache queries, per router"),
+            Family(
+                "emoe_router_prefix_cache_hits_total", "counter", "Prefix-cache hits (tokens), per router"
+            ),
+            Family("emoe_router_prefix_cache_blocks", "gauge", "KV blocks named in the cache, per router"),
+            Family(
+                "emoe_router_prefix_cache_evictions_total", "counter", "Cached blocks evicted, per router"
+            ),
+            Family("emoe_router_running_requests", "gauge", "Requests in the running batch, per router"),
+            Family("emoe_router_queue_depth", "gauge", "Requests waiting for admission, per router"),
+            Family("emoe_router_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use, per router"),
         ]
         by = {f.name: f for f in fam}
         for g, n in (r.get("tokens_per_group") or {}).items():
@@ -229,6 +242,18 @@ class OpsState:
         by["emoe_prefix_cache_hit_ratio"].add(r.get("prefix_cache_hit_rate", 0.0))
         by["emoe_prefix_cache_blocks"].add(r.get("prefix_cache_blocks", 0))
         by["emoe_prefix_cache_evictions_total"].add(r.get("prefix_cache_evictions", 0))
+        for rid, one in (r.get("routers") or {}).items():
+            for key, name in (
+                ("prefix_cache_queries", "emoe_router_prefix_cache_queries_total"),
+                ("prefix_cache_hits", "emoe_router_prefix_cache_hits_total"),
+                ("prefix_cache_blocks", "emoe_router_prefix_cache_blocks"),
+                ("prefix_cache_evictions", "emoe_router_prefix_cache_evictions_total"),
+                ("running", "emoe_router_running_requests"),
+                ("waiting", "emoe_router_queue_depth"),
+                ("kv_usage", "emoe_router_kv_cache_usage_ratio"),
+            ):
+                if key in one:
+                    by[name].add(one[key], router=rid)
         by["emoe_autoscaling_decisions_total"].add(sum(e["kind"] == "autoscale" for e in self.events))
         by["emoe_replacements_total"].add(len(snap.get("replacements", [])))
         for reason, n in snap["rejected"].items():

@@ -46,6 +46,7 @@ class Registry:
         self.entries: dict[str, dict[str, Any]] = {}  # replica_id -> info
         self._changed = asyncio.Event()
         self.router_loads: dict[str, tuple[float, dict[int, list[float]]]] = {}  # router -> (time, loads)
+        self.router_stats_: dict[str, tuple[float, dict[str, Any]]] = {}  # router -> (time, its stats)
         self.load_ttl_s = load_ttl_s
         self._restore()
 
@@ -54,6 +55,17 @@ class Registry:
         self.router_loads[router_id] = (time.monotonic(), {int(k): v for k, v in loads.items()})
         if self.replacement.threshold and self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_imbalance())
+
+    async def publish_router_stats(self, router_id: str, stats: dict[str, Any]) -> None:
+        """A Router replica's engine and dispatcher stats (every second)."""
+        self.router_stats_[router_id] = (time.monotonic(), stats)
+
+    async def router_stats(self) -> dict[str, dict[str, Any]]:
+        """The latest stats of every router heard from within the load TTL (a dead one drops out)."""
+        now = time.monotonic()
+        for rid in [r for r, (t, _) in self.router_stats_.items() if now - t > self.load_ttl_s]:
+            del self.router_stats_[rid]
+        return {rid: st for rid, (_, st) in self.router_stats_.items()}
 
     async def load_report(self) -> dict[str, Any]:
         """Expert loads summed over live routers, group loads under the current placement, imbalance."""

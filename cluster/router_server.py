@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import os
 import resource
 from collections.abc import AsyncGenerator
@@ -21,6 +23,18 @@ from router.dispatch import DispatchContext, Dispatcher, LocalDispatcher
 from router.engine import AsyncEngine
 from router.model import load_router_model, parse_dtype
 
+log = logging.getLogger(__name__)
+
+
+def _replica_id() -> str:
+    """Serve's id of this replica (what `serve status` names), or the process id outside Serve."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a Serve replica
+        return f"pid-{os.getpid()}"
+
 
 def sampling_defaults(cfg: AppConfig) -> tuple[tuple[str, float], ...]:
     """The release's recommended sampling (generation_config.json), unless configured to ignore it."""
@@ -32,7 +46,7 @@ def sampling_defaults(cfg: AppConfig) -> tuple[tuple[str, float], ...]:
 class RouterServer:
     """A router replica: loads the dense half, attaches to the expert groups, runs the AsyncEngine."""
 
-    def __init__(self, config: dict[str, Any], registry: Any = None, expert_groups: list | None = None):
+    async def __init__(self, config: dict[str, Any], registry: Any = None, expert_groups: list | None = None):
         cfg = parse_config(config)
         if cfg.router_torch_threads:
             torch.set_num_threads(cfg.router_torch_threads)
@@ -60,6 +74,19 @@ class RouterServer:
         )
         self.dispatcher = dispatcher
         self.engine = AsyncEngine(spec, model, dispatcher, econf, Tokenizer(cfg.model))
+        self.router_id = _replica_id()
+        self._publisher = (
+            asyncio.get_running_loop().create_task(self._publish(registry)) if registry else None
+        )
+
+    async def _publish(self, registry: Any, interval_s: float = 1.0) -> None:
+        """This replica's stats to the Registry every `interval_s` (the Frontend merges every router's)."""
+        while True:
+            try:
+                await registry.publish_router_stats.remote(self.router_id, await self.stats())
+            except Exception as e:  # noqa: BLE001 - the registry restarting: publish again next tick
+                log.debug("router stats not published: %s", e)
+            await asyncio.sleep(interval_s)
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateChunk, None]:
         async for chunk in self.engine.generate(request):

@@ -98,6 +98,15 @@ function drawChart(state) {
   }).join("");
 }
 
+function perRouter(r) {
+  // one line per Router replica when there are several (each publishes its own stats)
+  const routers = Object.entries(r.routers || {});
+  if (routers.length < 2) return [];
+  return [["per router", routers.map(([id, s]) =>
+    `<div data-testid="router-row">${id}: hit rate ${fmt((s.prefix_cache_hit_rate || 0) * 100)} %, ` +
+    `${s.running ?? 0} running / ${s.waiting ?? 0} waiting, KV ${fmt((s.kv_usage || 0) * 100)} %</div>`).join("")]];
+}
+
 function drawLatency(state) {
   const r = state.snapshot.router || {};
   const ms = (x) => (x === null ? "–" : x === Infinity ? "> 30 s" : `${fmt(x * 1000, 0)} ms`);
@@ -108,6 +117,7 @@ function drawLatency(state) {
     ["KV cache use", `${fmt((r.kv_usage || 0) * 100)} %`],
     ["prefix-cache hit rate", `<span data-testid="prefix-hit-rate">${fmt((r.prefix_cache_hit_rate || 0) * 100)}</span> % (${r.prefix_cache_hits ?? 0} / ${r.prefix_cache_queries ?? 0} prompt tokens, ${r.prefix_cache_blocks ?? 0} blocks cached)`],
     ["running / waiting", `${r.running ?? "–"} / ${r.waiting ?? "–"}`],
+    ...perRouter(r),
     ["failovers (recent)", `<span data-testid="failovers">${r.failovers ?? 0}</span>`],
     ["rejected", Object.entries(state.snapshot.rejected || {}).map(([k, v]) => `${k}: ${v}`).join(", ") || "0"],
   ];

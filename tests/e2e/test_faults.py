@@ -4,8 +4,11 @@ placement version, replicas re-register, traffic continues)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 import ray
@@ -51,6 +54,37 @@ def test_prefix_aware_routing_sends_a_repeated_prompt_to_the_router_that_cached_
     cached = [u.prompt_tokens_details.cached_tokens for u in usage]
     assert usage[0].prompt_tokens >= 160 and cached[0] == 0, usage[0]
     assert all(n >= 160 for n in cached[1:]), cached  # at least 10 blocks of 16 on every repeat
+    # each router's own numbers on /metrics: the hits are all on one of the two
+    hits = wait_until(
+        lambda: router_series(faults_http[0], "emoe_router_prefix_cache_hits_total"),
+        timeout_s=30,
+        what="per-router prefix-cache hits of both routers, one with every repeat's",
+        until=lambda h: len(h) == 2 and max(h.values()) >= sum(cached),
+    )
+    assert sorted(hits.values())[0] < 160, hits
+    status = subprocess.run(
+        [sys.executable, "-m", "cli.main", "status", "--address", faults_http[0] + "/faults"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    assert all(rid[:33] in status.stdout for rid in hits), status.stdout
+
+
+def router_series(http: str, name: str) -> dict[str, float]:
+    """{router: value} of a per-router series on the application's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(http + "/faults/metrics", timeout=10).read().decode()
+    base = name.removesuffix("_total")
+    return {
+        s.labels["router"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == base
+        for s in f.samples
+        if s.name == name
+    }
 
 
 def replica_actor(deployment: str):

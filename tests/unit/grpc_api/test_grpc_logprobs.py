@@ -47,3 +47,15 @@ def test_logprobs_in_complete_and_generate(served):
     assert all(not m.prompt_logprobs for m in messages[1:])
     streamed = [e for m in messages for e in m.logprobs]
     assert [(e.token_id, e.logprob) for e in streamed] == [(e.token_id, e.logprob) for e in whole.logprobs]
+
+
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(served):
+    address, _ = served
+    prompt = [(11 * i) % 300 + 20 for i in range(70)]  # 4 full blocks of 16 and 6 tokens
+    with InferenceClient(address) as client:
+        first = client.complete(prompt_token_ids=prompt, max_tokens=2)
+        again = client.complete(prompt_token_ids=prompt, max_tokens=2)
+        streamed = list(client.generate(prompt_token_ids=prompt, max_tokens=2))
+    assert (first.usage.prompt_tokens, first.usage.cached_tokens) == (70, 0)
+    assert (again.usage.prompt_tokens, again.usage.cached_tokens) == (70, 64)
+    assert streamed[-1].usage.cached_tokens == 64 and list(again.token_ids) == list(first.token_ids)

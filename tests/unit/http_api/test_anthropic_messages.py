@@ -53,7 +53,8 @@ def test_text_message_with_thinking_and_usage(served):
     assert len(r.content[0].thinking.split()) == 2 and r.content[1].text[0].isupper()
     assert r.stop_reason == "end_turn"
     prompt = backend.requests[-1].prompt_text
-    assert r.usage.input_tokens == len(tok.encode(prompt)) and r.usage.output_tokens > 0
+    used = r.usage.input_tokens + r.usage.cache_read_input_tokens  # computed + served from the cache
+    assert used == len(tok.encode(prompt)) and r.usage.output_tokens > 0
     assert "Be brief." in prompt and "Hello there" in prompt
 
 
@@ -126,7 +127,19 @@ def test_count_tokens(served):
     url, _, _, tok = served
     n = sdk(url).messages.count_tokens(model=MODEL, messages=HI, system="Be brief.")
     r = sdk(url).messages.create(model=MODEL, max_tokens=1, messages=HI, system="Be brief.")
-    assert n.input_tokens == r.usage.input_tokens > 0
+    assert n.input_tokens == r.usage.input_tokens + r.usage.cache_read_input_tokens > 0
+
+
+def test_a_repeated_long_prompt_reports_cache_read_input_tokens(served):
+    """Anthropic's usage split: the second time, most of the prompt is read from the prefix cache."""
+    url, _, _, _ = served
+    long = [{"role": "user", "content": " ".join(f"line {i} of the log says ok." for i in range(40))}]
+    a = sdk(url).messages.create(model=MODEL, max_tokens=1, messages=long)
+    b = sdk(url).messages.create(model=MODEL, max_tokens=1, messages=long)
+    total = a.usage.input_tokens + a.usage.cache_read_input_tokens
+    assert total == b.usage.input_tokens + b.usage.cache_read_input_tokens > 200
+    assert b.usage.cache_read_input_tokens >= total - 16 - a.usage.cache_read_input_tokens
+    assert b.usage.cache_read_input_tokens >= total - 32 and b.usage.cache_creation_input_tokens == 0
 
 
 @pytest.mark.parametrize(
