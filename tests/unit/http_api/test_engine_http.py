@@ -17,13 +17,18 @@ from tests.unit.http_api.support import CHAT, COMPLETIONS, MODEL, USER, Server, 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def serving(tmp_path_factory):
     path = write_demo_model(tmp_path_factory.mktemp("lp") / "m")
     tok = Tokenizer(path)
     with Engine.from_pretrained(path, num_groups=2) as engine:
-        app = build_http_app(EngineBackend(engine, tok), tok, model_name=MODEL)
-        with Server(app) as url:
-            yield url, engine, tok
+        backend = EngineBackend(engine, tok)
+        with Server(build_http_app(backend, tok, model_name=MODEL)) as url:
+            yield url, engine, tok, backend
+
+
+@pytest.fixture
+def served(serving):
+    return serving[:3]
 
 
 def raw_logprobs(engine: Engine, prompt: list[int], out: list[int]) -> list[float]:
@@ -173,3 +178,14 @@ def test_batched_prompts_and_n_choices(served):
         chat = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=0, n=2)
         assert [ch.index for ch in chat.choices] == [0, 1]
         assert chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_n_choices_compute_their_shared_prompt_once(serving):
+    """n=3 on a new 70-token prompt: choice 0 computes it, choices 1 and 2 are served its 4 full blocks."""
+    url, _, tok, backend = serving
+    prompt = [(13 * i) % 300 + 20 for i in range(70)]
+    hits = backend.ae.stats()["prefix_cache_hits"]
+    with client(url) as c:
+        r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=1.0, seed=3, n=3)
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2] and r.usage.prompt_tokens == 70
+    assert backend.ae.stats()["prefix_cache_hits"] - hits == 2 * 64
