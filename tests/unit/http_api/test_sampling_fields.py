@@ -55,6 +55,15 @@ def test_bad_sampling_values_are_400_naming_the_field(http, path, extra, field):
     assert_still_serving(http)
 
 
+def test_a_huge_logit_bias_map_is_a_400_and_the_server_keeps_serving(http):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "logit_bias": {str(i): 1 for i in range(5000)}}
+    r = http.post(COMPLETIONS, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "logit_bias" in err["param"] and "5000 entries, more than 1024" in err["message"], err
+    assert_still_serving(http)
+
+
 def test_the_openai_client_sees_the_400(url):
     with client(url) as c, pytest.raises(openai.BadRequestError, match="presence_penalty"):
         c.completions.create(model=MODEL, prompt="hi", max_tokens=2, presence_penalty=9)
