@@ -254,6 +254,7 @@ def _to_request(api: Any, body: MessagesBody):
         stop=stops,
         ignore_eos=body.ignore_eos,
         structured=_one_constraint(body, forced_call_grammar(setup, tool_fmt)),
+        skip_special_tokens=not (setup.parse and tool_fmt is not None),  # call markers stay in the text
     )
     validate_budget(info, len(ids), sampling)
     output = choice_output_factory(setup, tool_fmt, reasoning_format(info.family, api.reasoning_parser), text)

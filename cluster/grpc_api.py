@@ -208,7 +208,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             min_p=s.min_p,
             min_tokens=s.min_tokens,
             logit_bias=tuple(sorted(s.logit_bias.items())),
-            skip_special_tokens=not s.keep_special_tokens,
+            skip_special_tokens=not s.keep_special_tokens and not self._parses_tools(request, info),
             logprobs=s.logprobs if s.HasField("logprobs") else None,
             prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
             structured=self._constraint(request, info),
@@ -229,6 +229,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             list(req.prompt_token_ids), skip_special_tokens=False
         )
         return choice_output_factory(setup, fmt, reasoning, prompt)
+
+    def _parses_tools(self, request: pb.GenerateRequest, info: ModelInfo) -> bool:
+        """Tool calls are parsed from the text: its special tokens stay in it (call markers may be some)."""
+        return _tool_setup(request).parse and tool_format(info.family, self.tool_call_parser) is not None
 
     def _constraint(self, request: pb.GenerateRequest, info: ModelInfo) -> GrammarSpec | None:
         """sampling.structured, or the grammar of a forced tool call (not both)."""

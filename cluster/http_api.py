@@ -220,7 +220,7 @@ class _Api:
         if ignored and self.on_ignored is not None:
             self.on_ignored(ignored)
         info = self.backend.info()
-        forced = None
+        forced, markers = None, False
         if isinstance(body, ChatBody):
             setup = tool_setup(body.tools, body.tool_choice)
             tool_fmt = tool_format(info.family, self.tool_call_parser)
@@ -229,6 +229,7 @@ class _Api:
                 setup, tool_fmt, reasoning_format(info.family, self.reasoning_parser), prompts[0][1]
             )
             forced = forced_call_grammar(setup, tool_fmt)
+            markers = setup.parse and tool_fmt is not None
         else:
             prompts = completion_prompts(body.prompt, info, self.tokenizer)
         reply.n = n = 1 if body.n is None else body.n
@@ -238,7 +239,7 @@ class _Api:
             reply.logprob_format = functools.partial(LogprobFormat, self.tokenizer, reply.chat)
         requests = []
         for p, (ids, text) in enumerate(prompts):
-            base = self._request(body, info, reply, ids, text, forced)
+            base = self._request(body, info, reply, ids, text, forced, markers)
             if getattr(body, "echo", False):
                 reply.echo[p] = (text if text else self.tokenizer.decode(ids), list(ids))
             requests += [choice(base, p * n + k, len(prompts) * n) for k in range(n)]
@@ -252,7 +253,10 @@ class _Api:
         ids: list[int],
         text: str,
         forced: GrammarSpec | None = None,
+        keep_markers: bool = False,
     ) -> GenerateRequest:
+        """`keep_markers`: tools are parsed from the text, so special tokens stay in it (the call markers
+        of DeepSeek's and Kimi's formats are special tokens), as vLLM's tool parsers ask."""
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:
             max_tokens = info.default_max_tokens(self.default_max_tokens, len(ids))
@@ -275,7 +279,7 @@ class _Api:
             min_p=body.min_p,
             min_tokens=body.min_tokens,
             logit_bias=body.logit_bias_pairs(),
-            skip_special_tokens=body.skip_special_tokens,
+            skip_special_tokens=body.skip_special_tokens and not keep_markers,
             logprobs=body.requested_logprobs(),
             prompt_logprobs=body.requested_logprobs() if getattr(body, "echo", False) else None,
             structured=_constraint(body.grammar(), forced),

@@ -8,6 +8,14 @@ Formats (the same ones emoe/tool_parsers.py reads back):
   schema has them), any other value compact JSON under its schema; the schema's required parameters, in
   its order.
 - hermes (Qwen, Hermes): <tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>.
+- deepseek_v3: <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\\n```json\\n{...}\\n```
+  <｜tool▁call▁end｜><｜tool▁calls▁end｜> (V3 / R1's form, which the parser reads with V3.1's).
+- glm4_moe: <tool_call>f\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n...</tool_call>, values as in
+  minimax_m2 (a string raw, anything else JSON).
+- kimi_k2: <|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{...}
+  <|tool_call_end|><|tool_calls_section_end|>.
+The markers are literals: a vocabulary that has one as a single (special) token matches it with that token
+or with its characters; xgrammar allows both.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-CONSTRAINED_FORMATS = ("minimax_m2", "hermes")
+CONSTRAINED_FORMATS = ("minimax_m2", "hermes", "deepseek_v3", "glm4_moe", "kimi_k2")
 
 
 def tool_call_grammar(fmt: str, tools: list[dict[str, Any]]):
@@ -26,7 +34,13 @@ def tool_call_grammar(fmt: str, tools: list[dict[str, Any]]):
         raise ValueError(f"no forced-call grammar for the {fmt!r} format")
     if not tools:
         raise ValueError("no tools")
-    build = _minimax if fmt == "minimax_m2" else _hermes
+    build = {
+        "minimax_m2": _minimax,
+        "hermes": _hermes,
+        "deepseek_v3": _deepseek,
+        "glm4_moe": _glm,
+        "kimi_k2": _kimi,
+    }[fmt]
     calls = [build(t["name"], t.get("parameters") or {}) for t in tools]
     return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
 
@@ -50,24 +64,57 @@ def _hermes(name: str, params: dict):
     return xgr.Grammar.concat(head, _json(params), _lit("}\n</tool_call>"))
 
 
+def _deepseek(name: str, params: dict):
+    import xgrammar as xgr
+
+    head = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>" + name + "\n```json\n"
+    return xgr.Grammar.concat(_lit(head), _json(params), _lit("\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))
+
+
+def _kimi(name: str, params: dict):
+    import xgrammar as xgr
+
+    head = f"<|tool_calls_section_begin|><|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>"
+    return xgr.Grammar.concat(_lit(head), _json(params), _lit("<|tool_call_end|><|tool_calls_section_end|>"))
+
+
+def _xml_value(prop: dict):
+    """A parameter's value in the XML formats: a string raw (without "<"), anything else JSON."""
+    import xgrammar as xgr
+
+    if prop.get("type") == "string" and isinstance(prop.get("enum"), list) and prop["enum"]:
+        return xgr.Grammar.union(*(_lit(str(v)) for v in prop["enum"]))
+    if prop.get("type") == "string" and isinstance(prop.get("pattern"), str):
+        return xgr.Grammar.from_regex(prop["pattern"])
+    if prop.get("type") == "string":  # raw text, as these formats write string values; maxLength honoured
+        most = prop.get("maxLength")
+        bound = f"{{{int(prop.get('minLength', 0))},{int(most)}}}" if isinstance(most, int) else "*"
+        return xgr.Grammar.from_regex(f"[^<]{bound}")
+    return _json(prop)
+
+
+def _required(params: dict) -> list[tuple[str, dict]]:
+    """The schema's required parameters, in its order."""
+    props = params.get("properties") or {}
+    need = set(params.get("required") or [])
+    return [(k, props[k] if isinstance(props[k], dict) else {}) for k in props if k in need]
+
+
 def _minimax(name: str, params: dict):
     import xgrammar as xgr
 
     parts = [_lit(f'<minimax:tool_call>\n<invoke name="{name}">\n')]
-    props = params.get("properties") or {}
-    for key in [k for k in props if k in set(params.get("required") or [])]:
-        prop = props[key] if isinstance(props[key], dict) else {}
-        parts.append(_lit(f'<parameter name="{key}">'))
-        if prop.get("type") == "string" and isinstance(prop.get("enum"), list) and prop["enum"]:
-            parts.append(xgr.Grammar.union(*(_lit(str(v)) for v in prop["enum"])))
-        elif prop.get("type") == "string" and isinstance(prop.get("pattern"), str):
-            parts.append(xgr.Grammar.from_regex(prop["pattern"]))
-        elif prop.get("type") == "string":  # raw text, as MiniMax writes string values; maxLength honoured
-            most = prop.get("maxLength")
-            bound = f"{{{int(prop.get('minLength', 0))},{int(most)}}}" if isinstance(most, int) else "*"
-            parts.append(xgr.Grammar.from_regex(f"[^<]{bound}"))
-        else:
-            parts.append(_json(prop))
-        parts.append(_lit("</parameter>\n"))
+    for key, prop in _required(params):
+        parts += [_lit(f'<parameter name="{key}">'), _xml_value(prop), _lit("</parameter>\n")]
     parts.append(_lit("</invoke>\n</minimax:tool_call>"))
+    return xgr.Grammar.concat(*parts)
+
+
+def _glm(name: str, params: dict):
+    import xgrammar as xgr
+
+    parts = [_lit(f"<tool_call>{name}\n")]
+    for key, prop in _required(params):
+        parts += [_lit(f"<arg_key>{key}</arg_key>\n<arg_value>"), _xml_value(prop), _lit("</arg_value>\n")]
+    parts.append(_lit("</tool_call>"))
     return xgr.Grammar.concat(*parts)

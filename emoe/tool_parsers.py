@@ -10,6 +10,8 @@ One class per call format, written from the formats the models' chat templates r
   <｜tool▁call▁end｜><｜tool▁calls▁end｜>`` (V3 / R1) and ``...<｜tool▁call▁begin｜>f<｜tool▁sep｜>{...}
   <｜tool▁call▁end｜>...`` (V3.1).
 - ``glm4_moe``: ``<tool_call>f\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n</tool_call>``.
+- ``kimi_k2``: ``<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{...}
+  <|tool_call_end|><|tool_calls_section_end|>`` (the head ``functions.f:N`` is also the call's id).
 
 Usage: ``p = PARSERS[fmt](tools)``; ``p.feed(new_text)`` per generated piece and ``p.finish()`` at the end; each
 returns a ``ParseDelta`` (content text, tool-call deltas). Guarantees:
@@ -39,6 +41,7 @@ __all__ = [
     "DeepSeekV3ToolParser",
     "Glm4MoeToolParser",
     "HermesToolParser",
+    "KimiK2ToolParser",
     "MiniMaxM2ToolParser",
     "ParseDelta",
     "ToolCallDelta",
@@ -1130,12 +1133,127 @@ class Glm4MoeToolParser(ToolParser):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Kimi-K2
+
+_KM_SECTION = ("<|tool_calls_section_begin|>", "<|tool_call_section_begin|>")  # both spellings occur
+_KM_SECTION_END = ("<|tool_calls_section_end|>", "<|tool_call_section_end|>")
+_KM_CALL = "<|tool_call_begin|>"
+_KM_ARGS = "<|tool_call_argument_begin|>"
+_KM_CALL_END = "<|tool_call_end|>"
+_KM_HEAD = re.compile(r"(?:functions\.)?([^\s:<>|]{1,256}?)(?::(\d{1,9}))?")
+
+
+class KimiK2ToolParser(ToolParser):
+    """``<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{...}
+    <|tool_call_end|>...<|tool_calls_section_end|>``: the head is the call's id (Kimi's templates render it
+    back as the id of the call and of its result), the name is between ``functions.`` and ``:N``."""
+
+    markers = (*_KM_SECTION, _KM_CALL)
+
+    def _enter(self, marker: str) -> None:
+        self._bare = marker == _KM_CALL
+        self._goto("k_head" if self._bare else "k_block")
+
+    def _st_k_block(self, final: bool) -> bool:
+        s = self._buf.lstrip()
+        if not s:
+            return False
+        lead = len(self._buf) - len(s)
+        if s.startswith(_KM_CALL):
+            if not self._holding:
+                self._buf = s[len(_KM_CALL) :]
+                self._hold(_KM_CALL)
+            else:
+                self._eat(lead + len(_KM_CALL))
+            self._goto("k_head")
+            return True
+        for end in _KM_SECTION_END:
+            if s.startswith(end):
+                self._buf = s[len(end) :]
+                self._raw, self._holding = "", False
+                self._after_call = True
+                self._goto("text")
+                return True
+        if _could_be(s, (_KM_CALL, *_KM_SECTION_END)):
+            return False
+        if self._holding:
+            return self._bail()
+        return self._stray()
+
+    def _st_k_head(self, final: bool) -> bool:
+        buf = self._buf
+        i = buf.find(_KM_ARGS)
+        if i == -1:
+            p = buf.find("<|")
+            if len(buf) > _MAX_HEAD or (p != -1 and not _could_be(buf[p:], (_KM_ARGS,))):
+                return self._bail()  # another marker, or no head this long: not a call
+            return False
+        head = buf[:i].strip()
+        m = _KM_HEAD.fullmatch(head)
+        rest = buf[i + len(_KM_ARGS) :]
+        j = len(rest) - len(rest.lstrip())
+        if not rest[j:]:
+            return False  # the arguments' "{" not here yet
+        if not m or not _valid_name(m.group(1)) or not rest[j:].startswith("{"):
+            return self._bail()
+        self._buf = rest[j + 1 :]
+        self._start_call(m.group(1))
+        if m.group(2) is not None and head.startswith("functions."):
+            self._deltas[-1].id = head  # Kimi's own id: its template renders the call and result by it
+        self._js = _JsonArgs()
+        self._args("{")
+        self._goto("k_args")
+        return True
+
+    def _after_call_state(self) -> str:
+        return "text" if self._bare else "k_block"
+
+    def _st_k_args(self, final: bool) -> bool:
+        js = self._js
+        out, k = js.feed(self._buf)
+        self._args(out)
+        self._buf = self._buf[k:]
+        if js.done:
+            self._end_call()
+            self._goto("k_tail")
+            return True
+        if js.error:
+            self._args(js.repair())
+            self._content(js.pending())
+            self._end_call()
+            self._skip_to(_KM_CALL_END, self._after_call_state())
+            return True
+        return False
+
+    def _st_k_tail(self, final: bool) -> bool:
+        s = self._buf.lstrip()
+        if not s:
+            return False
+        if s.startswith(_KM_CALL_END):
+            self._buf = s[len(_KM_CALL_END) :]
+        elif _could_be(s, (_KM_CALL_END,)):
+            return False
+        else:
+            self._buf = s
+        self._goto(self._after_call_state())
+        return True
+
+    def _abort(self) -> None:
+        if self._state == "k_tail":
+            self._buf = ""
+            self._goto("text")
+            return
+        super()._abort()
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 PARSERS: dict[str, type[ToolParser]] = {
     "minimax_m2": MiniMaxM2ToolParser,
     "hermes": HermesToolParser,
     "deepseek_v3": DeepSeekV3ToolParser,
     "glm4_moe": Glm4MoeToolParser,
+    "kimi_k2": KimiK2ToolParser,
 }
 
 _FAMILY_FORMAT = {
@@ -1144,7 +1262,7 @@ _FAMILY_FORMAT = {
     "qwen2_moe": "hermes",
     "mixtral": "hermes",
     "deepseek_v3": "deepseek_v3",
-    "kimi_k2": "deepseek_v3",
+    "kimi_k2": "kimi_k2",
     "glm4_moe": "glm4_moe",
     "glm4_moe_lite": "glm4_moe",
 }

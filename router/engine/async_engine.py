@@ -337,10 +337,11 @@ class AsyncEngine:
         else:
             self.tpot.observe(now - state.last_token_at)
         state.last_token_at = now
-        text = state.detok.add([tok]) if state.detok else ""
+        stop_token = tok in state.stops
+        text = state.detok.add([tok]) if state.detok and not stop_token else ""  # a stop token is no text
         finish = None
         grammar = state.sampling.grammar
-        if tok in state.stops:
+        if stop_token:
             finish = "stop"
         elif grammar is not None and (not grammar.accept(tok) or grammar.is_terminated()):
             finish = "stop"  # the grammar is complete (or, with ignore_eos, only a stop token could follow)

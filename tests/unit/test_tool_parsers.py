@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -162,7 +163,45 @@ CASES = [
     ("glm4_moe", "plain <tool_call text", "plain <tool_call text", []),
 ]
 
+KM_S, KM_SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+KM_B, KM_A, KM_E = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+
+
+def _km(head, args):
+    return f"{KM_B}{head}{KM_A}{args}{KM_E}"
+
+
+CASES += [
+    # Kimi-K2
+    (
+        "kimi_k2",
+        "Let me check."
+        + KM_S
+        + _km("functions.get_weather:0", '{"city": "Paris", "days": 3}')
+        + _km("functions.get_time:1", "{}")
+        + KM_SE,
+        "Let me check.",
+        [("get_weather", {"city": "Paris", "days": 3}), ("get_time", {})],
+    ),
+    (
+        "kimi_k2",
+        "<|tool_call_section_begin|> "
+        + _km(" get_weather ", '{"tags": ["a", "b"]}')
+        + " <|tool_call_section_end|>ok",
+        "ok",
+        [("get_weather", {"tags": ["a", "b"]})],
+    ),
+    ("kimi_k2", "No call | <|tool <| here", "No call | <|tool <| here", []),
+    (
+        "kimi_k2",
+        _km("functions.get_weather:7", '{"city": "Oslo"}') + " then text",
+        "then text",
+        [("get_weather", {"city": "Oslo"})],
+    ),
+]
+
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+KIMI_ID = re.compile(r"functions\.[^:]+:\d+")
 
 
 def _stream(parser: ToolParser, pieces):
@@ -178,7 +217,8 @@ def _collect(deltas: list[ParseDelta]):
         for tc in d.tool_calls:
             if tc.index not in calls:
                 # the call's first delta carries id and name, before any arguments
-                assert tc.id is not None and tc.id.startswith("call_") and len(tc.id) == 29
+                assert tc.id is not None
+                assert (tc.id.startswith("call_") and len(tc.id) == 29) or KIMI_ID.fullmatch(tc.id), tc.id
                 assert tc.name
                 calls[tc.index] = {"id": tc.id, "name": tc.name, "args": "", "frags": 0}
             else:
@@ -196,7 +236,8 @@ def test_whole_output(fmt, text, content, expected):
     assert got_content == content
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == expected
     for c in calls:
-        assert c["type"] == "function" and c["id"].startswith("call_")
+        assert c["type"] == "function"
+        assert c["id"].startswith("call_") or (fmt == "kimi_k2" and KIMI_ID.fullmatch(c["id"]))
     p = PARSERS[fmt](TOOLS)
     _stream(p, [text])
     assert p.called == bool(expected)
@@ -226,7 +267,7 @@ def test_every_two_piece_split(fmt, text, content, expected):
 def test_char_by_char_and_random_chunks(fmt, text, content, expected):
     want = _expected(fmt, text)
     calls = _check_pieces(fmt, text, list(text), want)
-    if fmt in ("hermes", "deepseek_v3"):  # JSON arguments stream as they arrive
+    if fmt in ("hermes", "deepseek_v3", "kimi_k2"):  # JSON arguments stream as they arrive
         for c in calls.values():
             # (other key orders and string-encoded arguments are parsed as one object, at its end)
             if json.loads(c["args"]) and c["name"] != "reordered" and '"arguments": "' not in text:
@@ -327,6 +368,16 @@ MALFORMED = [
     ),
     ("glm4_moe", "<tool_call>{json} nope</tool_call>", "<tool_call>{json} nope</tool_call>", []),
     ("glm4_moe", "<tool_call>", "<tool_call>", []),
+    ("kimi_k2", KM_S + _km("functions.get_weather:0", '{"city": oops}'), "oops", ["get_weather"]),
+    ("kimi_k2", KM_S + "text inside", KM_S + "text inside", []),
+    ("kimi_k2", KM_S + _km("functions.get_time:0", "[1, 2]"), "[1, 2]", []),
+    ("kimi_k2", KM_S + KM_B + "functions.f:0" + KM_B, KM_B, []),
+    (
+        "kimi_k2",
+        KM_S + _km("functions.get_time:0", '{"a": {"b": [1, {"c": "<|tool_call_end|>"'),
+        "",
+        ["get_time"],
+    ),
 ]
 
 
@@ -361,6 +412,7 @@ def _big_cases():
             + "</parameter></invoke></minimax:tool_call>",
         ),
         ("glm4_moe", "<tool_call>write<arg_key>text</arg_key><arg_value>" + big + "</arg_value></tool_call>"),
+        ("kimi_k2", KM_S + _km("functions.write:0", '{"text": "' + big + '"}') + KM_SE),
     ], big
 
 
@@ -445,14 +497,14 @@ def test_text_after_calls_and_no_tools():
 
 
 def test_registry():
-    assert set(PARSERS) == {"minimax_m2", "hermes", "deepseek_v3", "glm4_moe"}
+    assert set(PARSERS) == {"minimax_m2", "hermes", "deepseek_v3", "glm4_moe", "kimi_k2"}
     for fam, fmt in [
         ("minimax_m2", "minimax_m2"),
         ("qwen3_moe", "hermes"),
         ("qwen2_moe", "hermes"),
         ("mixtral", "hermes"),
         ("deepseek_v3", "deepseek_v3"),
-        ("kimi_k2", "deepseek_v3"),
+        ("kimi_k2", "kimi_k2"),
         ("glm4_moe", "glm4_moe"),
         ("glm4_moe_lite", "glm4_moe"),
         ("gpt_oss", None),
