@@ -52,7 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-len", type=int, default=32, help="tokens of each reply")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument(
-        "--routers", type=int, default=2, help="also N router engines: prefix-aware vs round robin (1: skip)"
+        "--routers",
+        type=int,
+        default=2,
+        help="also N router engines: prefix-aware vs round robin vs power of two (1: skip)",
+    )
+    ap.add_argument(
+        "--no-caching-modes",
+        dest="caching_modes",
+        action="store_false",
+        help="only the router modes (not the one-engine cache on / off pair)",
     )
     ap.add_argument("--kv-blocks", type=int, default=0, help="default: room for every session's history")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -66,24 +75,36 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+ROUTINGS = ("prefix-aware", "round robin", "power of two")
+
+
 class Front:
     """Which of `n` router engines takes a request: `prefix-aware` (cluster.prefix_routing's policy, the
-    one the Serve deployment's request router runs) or `round robin`."""
+    one the Serve deployment's request router runs), `round robin`, or `power of two` (Ray Serve's default
+    request router: two replicas at random, the one with fewer requests in flight)."""
 
-    def __init__(self, n: int, routing: str):
+    def __init__(self, n: int, routing: str, seed: int = 0):
         self.n, self.routing, self.next = n, routing, 0
         self.policy = PrefixAffinity()
+        self.rng = random.Random(seed)
+        self.load = [0] * n
 
     def pick(self, prompt: list[int]) -> int:
         if self.routing == "round robin":
             self.next += 1
-            return (self.next - 1) % self.n
-        r = self.policy.rank(list(range(self.n)), prompt)[0][0]
-        self.policy.routed(r, prompt)
+            r = (self.next - 1) % self.n
+        elif self.routing == "power of two":
+            a, b = self.rng.sample(range(self.n), 2) if self.n > 1 else (0, 0)
+            r = a if self.load[a] <= self.load[b] else b
+        else:
+            r = self.policy.rank(list(range(self.n)), prompt)[0][0]
+            self.policy.routed(r, prompt)
+        self.load[r] += 1
         return r
 
     def done(self, r: int) -> None:
-        if self.routing != "round robin":
+        self.load[r] -= 1
+        if self.routing == "prefix-aware":
             self.policy.completed(r)
 
 
@@ -100,7 +121,7 @@ async def run_mode(
         prefix_caching=cached,
     )
     engines = [AsyncEngine(engine.spec, engine.model, engine.dispatcher, cfg) for _ in range(routers)]
-    front = Front(routers, routing)
+    front = Front(routers, routing, args.seed)
     vocab = engine.spec.vocab_size
     rng = random.Random(args.seed)  # the same token streams for both modes
     system = [rng.randrange(3, vocab) for _ in range(args.system)]
@@ -166,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             warm = argparse.Namespace(**{**vars(args), "sessions": 2, "turns": 2, "seed": args.seed + 1})
             asyncio.run(run_mode(engine, warm, False, kv_blocks))  # warm-up: kernels, allocator
-            modes = [(True, 1, ""), (False, 1, "")]
+            modes = [(True, 1, ""), (False, 1, "")] if args.caching_modes else []
             if args.routers > 1:
-                modes += [(True, args.routers, "prefix-aware"), (True, args.routers, "round robin")]
+                modes += [(True, args.routers, r) for r in ROUTINGS]
             runs: dict[tuple, list[dict]] = {m: [] for m in modes}
             for _ in range(args.rounds):
                 for m in modes:
@@ -184,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in rs[0]
             }
         )
-    on, off = rows[:2]
+    by_mode = {r["mode"]: r for r in rows}
     head = (
         f"Model `{spec.family}` {spec.num_layers} layers, hidden {spec.hidden_size}, {spec.num_experts} experts,"
         f" {args.dtype}; in process. Machine: {_machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -204,20 +225,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['output_tok_s']:.1f} | {r['wall_s']:.1f} |"
         for r in rows
     ]
-    ratios = (
-        f"\nTTFT p50 off / on: **{off['ttft_p50_ms'] / on['ttft_p50_ms']:.1f}×**; TTFT p99 off / on: "
-        f"{off['ttft_p99_ms'] / on['ttft_p99_ms']:.1f}×; output tok/s on / off: "
-        f"{on['output_tok_s'] / off['output_tok_s']:.2f}×; prompt tokens computed with caching: "
-        f"{on['computed_share']:.1%} of those sent.\n"
-    )
-    if len(rows) == 4:
-        aware, rr = rows[2:]
+    ratios = "\n"
+    on, off = by_mode.get("cache on"), by_mode.get("cache off")
+    if on and off:
+        ratios += (
+            f"TTFT p50 off / on: **{off['ttft_p50_ms'] / on['ttft_p50_ms']:.1f}×**; TTFT p99 off / on: "
+            f"{off['ttft_p99_ms'] / on['ttft_p99_ms']:.1f}×; output tok/s on / off: "
+            f"{on['output_tok_s'] / off['output_tok_s']:.2f}×; prompt tokens computed with caching: "
+            f"{on['computed_share']:.1%} of those sent.\n"
+        )
+    aware = by_mode.get(f"{args.routers} routers, prefix-aware")
+    if aware:
         ratios += (
             f"{args.routers} router engines, {kv_blocks // args.routers} KV blocks each (the one engine's pool "
-            f"split), caching on: hit rate prefix-aware / round robin **{aware['hit_rate'] / rr['hit_rate']:.2f}×**"
-            f" ({aware['hit_rate']:.1%} vs {rr['hit_rate']:.1%}); TTFT p50 round robin / prefix-aware "
-            f"{rr['ttft_p50_ms'] / aware['ttft_p50_ms']:.1f}×.\n"
+            f"split), caching on: hit rate prefix-aware {aware['hit_rate']:.1%}"
         )
+        for other in ROUTINGS[1:]:
+            r = by_mode[f"{args.routers} routers, {other}"]
+            ratios += (
+                f"; / {other} ({r['hit_rate']:.1%}) **{aware['hit_rate'] / r['hit_rate']:.2f}×**"
+                f" (TTFT p50 {r['ttft_p50_ms'] / aware['ttft_p50_ms']:.1f}× prefix-aware's)"
+            )
+        ratios += ".\n"
     md = head + "\n" + "\n".join(table) + "\n" + ratios
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(md)

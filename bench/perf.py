@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -73,6 +74,7 @@ def run(
     roofline: bool = True,
     router_threads: int = 1,
     device: str = "cpu",
+    rounds: int = 1,
 ) -> BenchReport:
     """`threads`: torch threads of transformers and the in-process engine (default: every CPU);
     `router_threads`: of the router when its experts are other processes on this machine (default 1: a
@@ -92,38 +94,66 @@ def run(
             "micro_batches": micro_batches,
             "expert_threads": expert_threads,
             "router_threads": router_threads,
+            "rounds": rounds,
         }
         report = BenchReport(meta=describe(path, spec, device, threads, settings), workload=asdict(workload))
         outputs: dict[str, list[RequestResult]] = {}
+        per_round: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
+        for rnd in range(rounds):
+            for b in backends if rnd % 2 == 0 else backends[::-1]:  # alternating order cancels drift
+                results, summary = _run_backend(
+                    b, path, work, workload, dtype, groups, micro_batches, threads, router_threads,
+                    expert_threads, bw, device,
+                )  # fmt: skip
+                outputs[b] = results
+                per_round[b].append(summary)
+                print(f"[bench] {b}: {json.dumps(_short(summary))}", file=sys.stderr, flush=True)
         for b in backends:
-            print(f"[bench] {b} ...", file=sys.stderr, flush=True)
-            if b == "transformers":
-                results, extra = run_transformers(path, work, workload, dtype, device)
-            else:
-                name, _, opts = b.partition("@")  # "grpc@2": two micro-batches; "inprocess@nocache"
-                mb = next((o for o in opts.split("+") if o.isdigit()), "")
-                with torch_threads(threads if name == "inprocess" else router_threads):
-                    results, extra = run_engine(
-                        path,
-                        name,
-                        work,
-                        workload,
-                        dtype,
-                        groups,
-                        micro_batches=1 if name == "inprocess" else int(mb or micro_batches),
-                        expert_threads=expert_threads,
-                        roofline_bw=bw if name == "inprocess" else None,
-                        device=device,
-                        prefix_caching="nocache" not in opts.split("+"),
-                    )
-            outputs[b] = results
-            report.backends[b] = {**summarize(results, extra.pop("wall_s")), **extra}
-            print(f"[bench] {b}: {json.dumps(_short(report.backends[b]))}", file=sys.stderr, flush=True)
+            report.backends[b] = _median(per_round[b])
         if "inprocess" in outputs:
             for b, res in outputs.items():
                 report.backends[b]["same_tokens_as_inprocess"] = match_fraction(res, outputs["inprocess"])
         report.ratios()
         return report
+
+
+def _median(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One backend's summary over rounds: each number the median of its rounds (other fields: the last
+    round's), with the rounds' throughputs kept."""
+    out = dict(rounds[-1])
+    for k, v in rounds[-1].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(r[k] for r in rounds)
+    if len(rounds) > 1:
+        out["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in rounds]
+    return out
+
+
+def _run_backend(
+    b, path, work, workload, dtype, groups, micro_batches, threads, router_threads, expert_threads, bw, device
+) -> tuple[list[RequestResult], dict[str, Any]]:
+    """One backend over the workload: its results and summary."""
+    print(f"[bench] {b} ...", file=sys.stderr, flush=True)
+    if b == "transformers":
+        results, extra = run_transformers(path, work, workload, dtype, device)
+    else:
+        name, _, opts = b.partition("@")  # "grpc@2": two micro-batches; "inprocess@nocache"
+        mb = next((o for o in opts.split("+") if o.isdigit()), "")
+        with torch_threads(threads if name == "inprocess" else router_threads):
+            results, extra = run_engine(
+                path,
+                name,
+                work,
+                workload,
+                dtype,
+                groups,
+                micro_batches=1 if name == "inprocess" else int(mb or micro_batches),
+                expert_threads=expert_threads,
+                roofline_bw=bw if name == "inprocess" else None,
+                device=device,
+                prefix_caching="nocache" not in opts.split("+"),
+            )
+    return results, {**summarize(results, extra.pop("wall_s")), **extra}
 
 
 def _opts(backend: str) -> list[str]:
@@ -216,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="grpc@2 = grpc with 2 micro-batches; inprocess@nocache = prefix caching off (grpc@2+nocache)",
     )
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run the backends N times, order alternating; report medians"
+    )
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--micro-batches", type=int, default=1, choices=[1, 2])
     ap.add_argument("--threads", type=int, default=None, help="torch threads here (default: all CPUs)")
@@ -261,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             expert_threads=args.expert_threads,
             router_threads=args.router_threads,
             device=args.device,
+            rounds=args.rounds,
         )
         if args.scaling:
             counts = [int(e) for e in args.scaling.split(",")]

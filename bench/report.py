@@ -44,7 +44,12 @@ def render_markdown(report: BenchReport) -> str:
         f"Workload: {w['requests']} requests, prompts {w['prompt_len'][0]}–{w['prompt_len'][1]}, outputs "
         f"{w['output_len'][0]}–{w['output_len'][1]} tokens, "
         + (f"Poisson {w['rate']} req/s" if w["rate"] else f"{w['concurrency']} concurrent")
-        + f", seed {w['seed']}.",
+        + f", seed {w['seed']}."
+        + (
+            f" Medians of {m['rounds']} rounds, the backends' order alternating."
+            if m.get("rounds", 1) > 1
+            else ""
+        ),
         "",
         "| backend | output tok/s | × in-process | TTFT p50 / p99 (s) | × | TPOT p50 / p99 (ms) | × "
         "| same tokens |",

@@ -25,9 +25,12 @@ from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 from cluster.errors import classify, client_message
 from cluster.http_stream import ClientGone, release_backend, unless_disconnected
 from cluster.openai_agent import (
+    HARMONY,
     ChoiceOutput,
     choice_output_factory,
     forced_call_grammar,
+    harmony_prompt,
+    harmony_stop_ids,
     reasoning_format,
     template_messages,
     tool_format,
@@ -225,6 +228,9 @@ def _prompt(api: Any, body: MessagesBody):
         ) from None
     messages = template_messages(chat_messages(body))
     info = api.backend.info()
+    if tool_format(info.family, api.tool_call_parser) == HARMONY:  # gpt-oss: harmony, not a template
+        tools = setup.tools if setup.mode != "none" else None
+        return (*harmony_prompt(messages, tools, "medium", info, api.tokenizer), setup, info)
     try:
         text = api.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tools=setup.tools if setup.mode != "none" else None
@@ -254,7 +260,9 @@ def _to_request(api: Any, body: MessagesBody):
         stop=stops,
         ignore_eos=body.ignore_eos,
         structured=_one_constraint(body, forced_call_grammar(setup, tool_fmt)),
-        skip_special_tokens=not (setup.parse and tool_fmt is not None),  # call markers stay in the text
+        # call markers (and harmony's channels) stay in the text the parsers read
+        skip_special_tokens=not ((setup.parse and tool_fmt is not None) or tool_fmt == HARMONY),
+        stop_token_ids=harmony_stop_ids() if tool_fmt == HARMONY else (),
     )
     validate_budget(info, len(ids), sampling)
     output = choice_output_factory(setup, tool_fmt, reasoning_format(info.family, api.reasoning_parser), text)
@@ -285,7 +293,7 @@ class _Message:
     def add(self, chunk) -> list[tuple[str, dict]]:
         """Feeds a chunk; the stream events it produces."""
         self.last = chunk
-        delta = self.output.feed(chunk.text, final=bool(chunk.finish_reason))
+        delta = self.output.feed(chunk.text, final=bool(chunk.finish_reason), token_ids=chunk.token_ids)
         events: list[tuple[str, dict]] = []
         if delta.get("reasoning_content"):
             events += self._delta(

@@ -72,7 +72,7 @@ class AppConfig(BaseModel):
     tool_call_parser: str = Field(
         "auto",
         description="tool-call format of the chat API: auto (the model family's), minimax_m2, hermes, deepseek_v3, "
-        "glm4_moe",
+        "glm4_moe, kimi_k2",
     )
     reasoning_parser: str = Field(
         "auto", description="reasoning split of the chat API: auto (the model family's), think, none"

@@ -22,6 +22,7 @@ import grpc
 
 from cluster.errors import classify, client_message
 from cluster.openai_agent import (
+    HARMONY,
     ChoiceOutput,
     ToolSetup,
     choice_output_factory,
@@ -232,7 +233,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _parses_tools(self, request: pb.GenerateRequest, info: ModelInfo) -> bool:
         """Tool calls are parsed from the text: its special tokens stay in it (call markers may be some)."""
-        return _tool_setup(request).parse and tool_format(info.family, self.tool_call_parser) is not None
+        fmt = tool_format(info.family, self.tool_call_parser)
+        return fmt == HARMONY or (_tool_setup(request).parse and fmt is not None)
 
     def _constraint(self, request: pb.GenerateRequest, info: ModelInfo) -> GrammarSpec | None:
         """sampling.structured, or the grammar of a forced tool call (not both)."""
@@ -286,7 +288,7 @@ def _response(
 ) -> pb.GenerateResponse:
     text, reasoning, calls, finish = chunk.text, "", [], chunk.finish_reason or ""
     if output is not None:
-        delta = output.feed(chunk.text, final=bool(chunk.finish_reason))
+        delta = output.feed(chunk.text, final=bool(chunk.finish_reason), token_ids=chunk.token_ids)
         text, reasoning = delta.get("content", ""), delta.get("reasoning_content", "")
         for c in delta.get("tool_calls", ()):
             fn = c["function"]

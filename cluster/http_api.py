@@ -56,9 +56,12 @@ from cluster.http_stream import (
 )
 from cluster.http_tokenizer import add_tokenizer_routes
 from cluster.openai_agent import (
+    HARMONY,
     ToolSetup,
     choice_output_factory,
     forced_call_grammar,
+    harmony_prompt,
+    harmony_stop_ids,
     reasoning_format,
     template_messages,
     tool_format,
@@ -220,7 +223,7 @@ class _Api:
         if ignored and self.on_ignored is not None:
             self.on_ignored(ignored)
         info = self.backend.info()
-        forced, markers = None, False
+        forced, markers, harmony = None, False, False
         if isinstance(body, ChatBody):
             setup = tool_setup(body.tools, body.tool_choice)
             tool_fmt = tool_format(info.family, self.tool_call_parser)
@@ -229,7 +232,8 @@ class _Api:
                 setup, tool_fmt, reasoning_format(info.family, self.reasoning_parser), prompts[0][1]
             )
             forced = forced_call_grammar(setup, tool_fmt)
-            markers = setup.parse and tool_fmt is not None
+            harmony = tool_fmt == HARMONY  # parsed from its text with markers; its end-of-action tokens stop
+            markers = (setup.parse and tool_fmt is not None) or harmony
         else:
             prompts = completion_prompts(body.prompt, info, self.tokenizer)
         reply.n = n = 1 if body.n is None else body.n
@@ -239,7 +243,7 @@ class _Api:
             reply.logprob_format = functools.partial(LogprobFormat, self.tokenizer, reply.chat)
         requests = []
         for p, (ids, text) in enumerate(prompts):
-            base = self._request(body, info, reply, ids, text, forced, markers)
+            base = self._request(body, info, reply, ids, text, forced, markers, harmony)
             if getattr(body, "echo", False):
                 reply.echo[p] = (text if text else self.tokenizer.decode(ids), list(ids))
             requests += [choice(base, p * n + k, len(prompts) * n) for k in range(n)]
@@ -254,6 +258,7 @@ class _Api:
         text: str,
         forced: GrammarSpec | None = None,
         keep_markers: bool = False,
+        harmony: bool = False,
     ) -> GenerateRequest:
         """`keep_markers`: tools are parsed from the text, so special tokens stay in it (the call markers
         of DeepSeek's and Kimi's formats are special tokens), as vLLM's tool parsers ask."""
@@ -271,7 +276,7 @@ class _Api:
             top_p=info.sampling_default("top_p", 1.0) if body.top_p is None else body.top_p,
             seed=body.seed,
             stop=stop_strings(body.stop),
-            stop_token_ids=tuple(body.stop_token_ids or ()),
+            stop_token_ids=tuple(body.stop_token_ids or ()) + (harmony_stop_ids() if harmony else ()),
             ignore_eos=body.ignore_eos,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
@@ -296,6 +301,11 @@ class _Api:
             if reserved in kwargs:
                 raise InvalidRequest(f"chat_template_kwargs.{reserved}", "set by the request itself")
         tools = setup.tools if setup.mode != "none" else None
+        if tool_format(info.family, self.tool_call_parser) == HARMONY:
+            effort = body.reasoning_effort or kwargs.get("reasoning_effort") or "medium"
+            return harmony_prompt(messages, tools, effort, info, self.tokenizer)
+        if body.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", body.reasoning_effort)
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=body.add_generation_prompt, tools=tools, **kwargs

@@ -22,22 +22,24 @@ T = TypeVar("T")
 
 
 async def collect(first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]) -> dict[int, tuple]:
-    """Per choice index: (whole text, last chunk, logprob entries, prompt logprob entries or None), of a
-    stream whose first chunk was already read."""
+    """Per choice index: (whole text, last chunk, logprob entries, prompt logprob entries or None, token
+    ids), of a stream whose first chunk was already read."""
     parts: dict[int, list[str]] = {}
     lasts: dict[int, GenerateChunk] = {}
     entries: dict[int, list] = {}
     prompts: dict[int, list | None] = {}
+    ids: dict[int, list[int]] = {}
     chunk = first
     while chunk is not None:
         i = chunk.index
         parts.setdefault(i, []).append(chunk.text)
+        ids.setdefault(i, []).extend(chunk.token_ids)
         entries.setdefault(i, []).extend(chunk.logprobs or ())
         if chunk.prompt_logprobs is not None or i not in prompts:
             prompts[i] = chunk.prompt_logprobs
         lasts[i] = chunk
         chunk = await anext(chunks, None)
-    return {i: ("".join(parts[i]), lasts[i], entries[i], prompts[i]) for i in lasts}
+    return {i: ("".join(parts[i]), lasts[i], entries[i], prompts[i], ids[i]) for i in lasts}
 
 
 async def sse_events(

@@ -10,6 +10,7 @@ tool's JSON schema for the arguments, so even a random-weight model returns a sc
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,12 +129,43 @@ def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
+HARMONY = "harmony"  # gpt-oss: prompts rendered and outputs parsed by openai-harmony (emoe/harmony.py)
+
+
 def tool_format(family: str, override: str | None = None) -> str | None:
     """The tool-call format of a family (the config's `tool_call_parser` overrides it)."""
-    name = override if override and override != "auto" else parser_for_family(family)
-    if name is not None and name not in PARSERS:
-        raise ValueError(f"tool_call_parser {name!r}: one of {', '.join(sorted(PARSERS))}")
+    auto = HARMONY if family == "gpt_oss" else parser_for_family(family)
+    name = override if override and override != "auto" else auto
+    if name is not None and name != HARMONY and name not in PARSERS:
+        raise ValueError(f"tool_call_parser {name!r}: one of {', '.join(sorted([*PARSERS, HARMONY]))}")
     return name
+
+
+def harmony_prompt(messages: list[dict], tools: list[dict] | None, effort: str, info, tokenizer):
+    """gpt-oss: (prompt ids, their text) of the conversation rendered by openai-harmony (no jinja)."""
+    from emoe.api import validate_prompt
+    from emoe.harmony import render_prompt
+
+    try:
+        ids = render_prompt(messages, tools, reasoning_effort=effort)
+    except ValueError as exc:
+        raise InvalidRequest(
+            "reasoning_effort" if "reasoning_effort" in str(exc) else "messages", str(exc)
+        ) from exc
+    except RuntimeError as exc:  # the harmony encoding does not load here
+        raise InvalidRequest("messages", f"the harmony format is unavailable: {exc}") from exc
+    try:
+        ids = validate_prompt(info, None, ids, tokenizer.encode)
+    except InvalidRequest as exc:
+        raise InvalidRequest("messages", str(exc).split(": ", 1)[-1]) from exc
+    return ids, tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def harmony_stop_ids() -> tuple[int, ...]:
+    """The tokens that end an assistant's action in harmony (<|return|>, <|call|>)."""
+    from emoe.harmony import load_encoding
+
+    return tuple(load_encoding().stop_tokens_for_assistant_actions())
 
 
 def reasoning_format(family: str, override: str | None = None) -> str | None:
@@ -172,8 +204,9 @@ class ChoiceOutput:
         self.thought: list[str] = []
         self.calls: dict[int, dict] = {}
 
-    def feed(self, text: str, final: bool = False) -> dict[str, Any]:
-        """The OpenAI delta fields (reasoning_content / reasoning, content, tool_calls) of `text`."""
+    def feed(self, text: str, final: bool = False, token_ids: Any = ()) -> dict[str, Any]:
+        """The OpenAI delta fields (reasoning_content / reasoning, content, tool_calls) of `text` (the
+        chunk's `token_ids` are for formats parsed by token, harmony's)."""
         thought, content = text, ""
         if self.reasoning is not None:
             r = self.reasoning.feed(text)
@@ -183,10 +216,6 @@ class ChoiceOutput:
                 thought, content = thought + end.reasoning, content + end.content
         else:
             thought, content = "", text
-        delta: dict[str, Any] = {}
-        if thought:
-            self.thought.append(thought)
-            delta["reasoning_content"] = delta["reasoning"] = thought
         calls = []
         if self.tools is not None:
             parsed = self.tools.feed(content)
@@ -194,6 +223,13 @@ class ChoiceOutput:
             if final:
                 end = self.tools.finish()
                 content, calls = content + end.content, calls + list(end.tool_calls)
+        return self._delta(thought, content, calls)
+
+    def _delta(self, thought: str, content: str, calls: list) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if thought:
+            self.thought.append(thought)
+            delta["reasoning_content"] = delta["reasoning"] = thought
         if content:
             self.text.append(content)
             delta["content"] = content
@@ -232,9 +268,46 @@ class ChoiceOutput:
         return msg
 
 
+_MARKER_START = re.compile(r"<(?:\|[A-Za-z0-9_]*\|?)?$")  # the start of a harmony `<|name|>` at the end
+
+
+class HarmonyOutput(ChoiceOutput):
+    """gpt-oss: a choice's output parsed by openai-harmony (emoe.harmony.HarmonyStream): the analysis
+    channel is reasoning, the final channel content, commentary to functions.NAME a tool call (surfaced
+    only when the request has tools).
+
+    It reads the text (decoded with special tokens) and has harmony encode it again, so a marker spelled in
+    ordinary tokens (`<`, `|channel`, `|>`: what a grammar may let a model write) parses like the marker
+    token; a possible marker cut by a chunk boundary is held back until it is whole."""
+
+    MAX_MARKER = 32
+
+    def __init__(self, tools: list[dict] | None):
+        from emoe.harmony import HarmonyStream, load_encoding
+
+        super().__init__(None, None)
+        self.stream, self.with_tools = HarmonyStream(tools), tools is not None
+        self.enc = load_encoding()
+        self.held = ""
+
+    def feed(self, text: str, final: bool = False, token_ids: Any = ()) -> dict[str, Any]:
+        buf, self.held = self.held + text, ""
+        tail = None if final else _MARKER_START.search(buf[-self.MAX_MARKER :])
+        if tail is not None:  # `<`, `<|`, `<|chan`, `<|channel|` may still become a marker
+            cut = len(buf) - len(tail.group())
+            buf, self.held = buf[:cut], buf[cut:]
+        d = self.stream.feed_tokens(self.enc.encode(buf, allowed_special="all") if buf else [])
+        if final:
+            d.extend(self.stream.finish())
+        return self._delta(d.reasoning, d.content, d.tool_calls if self.with_tools else [])
+
+
 def choice_output_factory(setup: ToolSetup, tool_fmt: str | None, reasoning_fmt: str | None, prompt: str):
     """A maker of ChoiceOutput for each choice of a request, or None when there is nothing to split."""
     parse_tools = setup.parse and tool_fmt is not None
+    if tool_fmt == HARMONY:  # harmony's channels are always parsed: reasoning, content and calls
+        tools = setup.tools if parse_tools else None
+        return lambda: HarmonyOutput(tools)
     if setup.mode in ("required", "named"):
         reasoning_fmt = None  # the grammar makes the output a call from its first token: no reasoning
     if not parse_tools and reasoning_fmt is None:

@@ -139,6 +139,7 @@ class ChatBody(RequestBody):
     tools: list[Any] | None = None
     tool_choice: Any = None  # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None  # low | medium | high (gpt-oss's harmony system message)
     chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM): template variables
     add_generation_prompt: bool = True  # extension (vLLM)
     continue_final_message: bool = False  # extension (vLLM)
@@ -317,7 +318,7 @@ class Reply:
         if split is None:
             delta = {"content": c.text} if c.text else {}
         else:
-            delta = split.feed(c.text, final=bool(c.finish_reason))
+            delta = split.feed(c.text, final=bool(c.finish_reason), token_ids=c.token_ids)
             if not delta and not c.finish_reason and not lp:
                 return None
         finish = self._finish(c.index, c.finish_reason)
@@ -342,10 +343,10 @@ class Reply:
         return self._envelope(kind, [], usage=self.usage(lasts))
 
     def whole(self, choices: dict[int, tuple]) -> dict:
-        """`choices`: index -> (text, last chunk, logprob entries, prompt logprob entries or None)."""
+        """`choices`: index -> (text, last chunk, logprob entries, prompt logprob entries or None, ids)."""
         out = []
         for index in sorted(choices):
-            text, last, entries, prompt = choices[index]
+            text, last, entries, prompt, ids = choices[index]
             lp = self._logprobs(index, entries, prompt)
             finish = last.finish_reason
             if self.chat:
@@ -353,7 +354,7 @@ class Reply:
                 if split is None:
                     body = {"message": {"role": "assistant", "content": text}}
                 else:
-                    split.feed(text, final=True)
+                    split.feed(text, final=True, token_ids=ids)
                     body = {"message": split.message()}
                     finish = self._finish(index, finish)
             else:

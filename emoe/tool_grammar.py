@@ -14,6 +14,8 @@ Formats (the same ones emoe/tool_parsers.py reads back):
   minimax_m2 (a string raw, anything else JSON).
 - kimi_k2: <|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{...}
   <|tool_call_end|><|tool_calls_section_end|>.
+- harmony (gpt-oss): after the generation prompt's <|start|>assistant, " to=functions.f<|channel|>commentary
+  <|constrain|>json<|message|>{...}" (the request ends with the arguments; the parser closes the call).
 The markers are literals: a vocabulary that has one as a single (special) token matches it with that token
 or with its characters; xgrammar allows both.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-CONSTRAINED_FORMATS = ("minimax_m2", "hermes", "deepseek_v3", "glm4_moe", "kimi_k2")
+CONSTRAINED_FORMATS = ("minimax_m2", "hermes", "deepseek_v3", "glm4_moe", "kimi_k2", "harmony")
 
 
 def tool_call_grammar(fmt: str, tools: list[dict[str, Any]]):
@@ -40,6 +42,7 @@ def tool_call_grammar(fmt: str, tools: list[dict[str, Any]]):
         "deepseek_v3": _deepseek,
         "glm4_moe": _glm,
         "kimi_k2": _kimi,
+        "harmony": _harmony,
     }[fmt]
     calls = [build(t["name"], t.get("parameters") or {}) for t in tools]
     return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
@@ -76,6 +79,14 @@ def _kimi(name: str, params: dict):
 
     head = f"<|tool_calls_section_begin|><|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>"
     return xgr.Grammar.concat(_lit(head), _json(params), _lit("<|tool_call_end|><|tool_calls_section_end|>"))
+
+
+def _harmony(name: str, params: dict):
+    import xgrammar as xgr
+
+    # after the prompt's "<|start|>assistant": the call header as openai-harmony renders it, then the JSON
+    head = f" to=functions.{name}<|channel|>commentary <|constrain|>json<|message|>"
+    return xgr.Grammar.concat(_lit(head), _json(params))
 
 
 def _xml_value(prop: dict):

@@ -28,7 +28,7 @@ class EngineBackend:
 
     def info(self) -> ModelInfo:
         spec = self.engine.spec
-        return ModelInfo(MODEL, "minimax_m2", self.tok.vocab_size, *self.limits, tuple(spec.eos_token_ids))
+        return ModelInfo(MODEL, spec.family, self.tok.vocab_size, *self.limits, tuple(spec.eos_token_ids))
 
     def generate(self, request):
         self.requests.append(request)

@@ -138,6 +138,22 @@ def test_open_loop_arrivals_are_honoured(demo):
     assert s["wall_s"] >= offsets[-1]  # the last request could not finish before it arrived
 
 
+def test_rounds_and_a_prefix_caching_off_variant(demo):
+    """Two rounds of inprocess and inprocess@nocache (order alternating): medians, the rounds' throughputs
+    kept, the same greedy tokens with caching on and off; an unknown variant is refused."""
+    work = Workload(requests=4, prompt_len=(4, 8), output_len=(3, 3), concurrency=2, seed=2)
+    report = run(
+        demo, work, ["inprocess", "inprocess@nocache"], dtype="float32", groups=1, roofline=False, rounds=2
+    )
+    on, off = report.backends["inprocess"], report.backends["inprocess@nocache"]
+    assert len(on["rounds_tokens_per_s"]) == len(off["rounds_tokens_per_s"]) == 2
+    assert on["tokens_per_s"] == pytest.approx(sum(on["rounds_tokens_per_s"]) / 2)  # median of two
+    assert off["same_tokens_as_inprocess"] == 1.0 and report.meta["rounds"] == 2
+    assert "Medians of 2 rounds" in render_markdown(report)
+    with pytest.raises(ValueError, match="inprocess@fast"):
+        run(demo, work, ["inprocess@fast"], dtype="float32", groups=1, roofline=False)
+
+
 def test_cli_bench_writes_its_files(demo, tmp_path, capsys):
     from cli.main import main
 
