@@ -1,12 +1,14 @@
 """`emoe bench agent`: an agent-shaped multi-turn workload with automatic prefix caching on and off.
 
     emoe bench agent [--model DIR | --preset bench-small] [--sessions 8] [--turns 10] [--system 1500]
-                     [--per-turn 200] [--output-len 32] [--rounds 1] [--routers 2] [--out bench-results/agent]
+                     [--per-turn 200] [--output-len 32] [--tool-time 0] [--rounds 1] [--routers 2]
+                     [--no-caching-modes] [--out bench-results/agent]
 
 `sessions` concurrent sessions, each a conversation of `turns` turns: every prompt is the shared system
 prompt (`system` tokens, the same for every session), then the session's own history — each earlier
 turn's user/tool addition (`per-turn` tokens, what a tool result adds) and the model's reply to it — then
-the new addition. Each session sends its next turn when its previous reply has finished, as an agent does.
+the new addition. Each session sends its next turn when its previous reply has finished (after a tool
+call of `--tool-time` seconds on average, exponentially distributed, seeded; default 0), as an agent does.
 One in-process AsyncEngine per mode (prefix caching on, off), the modes in turn (`rounds` times each), on
 the same model and the same token streams. With `--routers N` (default 2) two more modes, caching on:
 N router engines in this process sharing the model, each with 1/N of the KV pool (the same memory), a
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-turn", type=int, default=200, help="tokens each turn adds (a tool result)")
     ap.add_argument("--output-len", type=int, default=32, help="tokens of each reply")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument(
+        "--tool-time", type=float, default=0.0, help="mean seconds an agent's tool runs between turns (exp.)"
+    )
     ap.add_argument(
         "--routers",
         type=int,
@@ -130,6 +135,7 @@ async def run_mode(
         for _ in range(args.sessions)
     ]
     ttfts: list[float] = []
+    pauses = [random.Random(args.seed * 1000 + s) for s in range(args.sessions)]  # the same in every mode
     sent = outputs = 0
 
     async def session(s: int) -> None:
@@ -149,6 +155,8 @@ async def run_mode(
             sent += len(prompt)
             outputs += len(reply)
             history = history + additions[s][t] + reply
+            if args.tool_time > 0 and t + 1 < args.turns:  # the agent runs the tool before its next turn
+                await asyncio.sleep(pauses[s].expovariate(1 / args.tool_time))
 
     try:
         t0 = time.perf_counter()
@@ -211,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         f" {args.dtype}; in process. Machine: {_machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. {started}.\n"
         f"{args.sessions} sessions × {args.turns} turns, {args.system}-token shared system prompt, "
-        f"+{args.per_turn} tokens per turn, {args.output_len}-token replies; {args.rounds} round(s), the modes "
+        f"+{args.per_turn} tokens per turn, {args.output_len}-token replies"
+        + (f", tool calls of {args.tool_time} s mean between turns" if args.tool_time else "")
+        + f"; {args.rounds} round(s), the modes "
         f"in turn, medians over rounds; {kv_blocks} KV blocks of 16.\n"
     )
     table = [

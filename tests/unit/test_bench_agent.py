@@ -10,7 +10,9 @@ from bench.agent import main
 def test_bench_agent_compares_caching_on_and_off(tmp_path):
     out = tmp_path / "a"
     args = ["--preset", "demo", "--dtype", "float32", "--sessions", "3", "--turns", "3", "--system", "64"]
-    assert main([*args, "--per-turn", "16", "--output-len", "4", "--out", str(out)]) == 0
+    assert (
+        main([*args, "--per-turn", "16", "--output-len", "4", "--tool-time", "0.01", "--out", str(out)]) == 0
+    )
     on, off, aware, rr, p2 = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert (on["mode"], off["mode"]) == ("cache on", "cache off")
     assert [r["mode"] for r in (aware, rr, p2)] == [

@@ -116,3 +116,41 @@ def test_analysis_channel_is_reasoning_and_final_channel_is_content(served):
     content = "".join(e.choices[0].delta.content or "" for e in streamed if e.choices)
     assert len(thought.split()) == 2 and content[0].isupper() and "<|" not in content + thought
     assert bad.status_code == 400 and "reasoning_effort" in bad.text
+
+
+def test_anthropic_messages_with_gpt_oss_force_a_tool_use_in_harmony(served):
+    """The Messages API over the same harmony path: a forced tool_use, then a tool_result turn rendered by
+    harmony, answered in text."""
+    import anthropic
+
+    url, backend, _ = served
+    tool = {"name": "search", "input_schema": schema_of(SEARCH)}
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    r = claude.messages.create(
+        model=MODEL,
+        max_tokens=200,
+        messages=[{"role": "user", "content": "Find the docs."}],
+        tools=[tool],
+        tool_choice={"type": "tool", "name": "search"},
+    )
+    assert r.stop_reason == "tool_use"
+    [use] = [b for b in r.content if b.type == "tool_use"]
+    jsonschema.validate(use.input, tool["input_schema"])
+    assert backend.requests[-1].prompt_text.endswith("<|start|>assistant")
+    again = claude.messages.create(
+        model=MODEL,
+        max_tokens=8,
+        tools=[tool],
+        messages=[
+            {"role": "user", "content": "Find the docs."},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": use.id, "name": "search", "input": use.input}],
+            },
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "none"}]},
+        ],
+    )
+    assert again.usage.output_tokens > 0
+    assert "<|start|>functions.search to=assistant<|channel|>commentary<|message|>none<|end|>" in (
+        backend.requests[-1].prompt_text
+    )
