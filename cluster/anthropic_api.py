@@ -227,6 +227,7 @@ def _prompt(api: Any, body: MessagesBody):
             str(exc).split(": ", 1)[-1],
         ) from None
     messages = template_messages(chat_messages(body))
+    setup.prior_calls = sum(len(m.get("tool_calls") or []) for m in messages)
     info = api.backend.info()
     if tool_format(info.family, api.tool_call_parser) == HARMONY:  # gpt-oss: harmony, not a template
         tools = setup.tools if setup.mode != "none" else None

@@ -226,6 +226,7 @@ class _Api:
         forced, markers, harmony = None, False, False
         if isinstance(body, ChatBody):
             setup = tool_setup(body.tools, body.tool_choice)
+            setup.prior_calls = sum(len(m.tool_calls or []) for m in body.messages)
             tool_fmt = tool_format(info.family, self.tool_call_parser)
             prompts = [self._chat_prompt(body, info, setup)]
             reply.output = choice_output_factory(

@@ -30,6 +30,7 @@ class ToolSetup:
     tools: list[dict] = field(default_factory=list)
     mode: str = "auto"
     name: str | None = None
+    prior_calls: int = 0  # tool calls earlier in the conversation (Kimi-K2 numbers its calls from them)
 
     @property
     def parse(self) -> bool:
@@ -191,7 +192,11 @@ def forced_call_grammar(setup: ToolSetup, fmt: str | None) -> GrammarSpec | None
     fns = [
         t["function"] for t in setup.tools if setup.mode == "required" or t["function"]["name"] == setup.name
     ]
-    spec = {"format": fmt, "tools": [{"name": f["name"], "parameters": f["parameters"]} for f in fns]}
+    spec = {
+        "format": fmt,
+        "tools": [{"name": f["name"], "parameters": f["parameters"]} for f in fns],
+        "first_index": setup.prior_calls,
+    }
     return GrammarSpec("tool_call", json.dumps(spec), field="tool_choice")
 
 

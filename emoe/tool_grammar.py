@@ -12,8 +12,8 @@ Formats (the same ones emoe/tool_parsers.py reads back):
   <｜tool▁call▁end｜><｜tool▁calls▁end｜> (V3 / R1's form, which the parser reads with V3.1's).
 - glm4_moe: <tool_call>f\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n...</tool_call>, values as in
   minimax_m2 (a string raw, anything else JSON).
-- kimi_k2: <|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{...}
-  <|tool_call_end|><|tool_calls_section_end|>.
+- kimi_k2: <|tool_calls_section_begin|><|tool_call_begin|>functions.f:N<|tool_call_argument_begin|>{...}
+  <|tool_call_end|><|tool_calls_section_end|>, N counting the conversation's earlier calls.
 - harmony (gpt-oss): after the generation prompt's <|start|>assistant, " to=functions.f<|channel|>commentary
   <|constrain|>json<|message|>{...}" (the request ends with the arguments; the parser closes the call).
 The markers are literals: a vocabulary that has one as a single (special) token matches it with that token
@@ -22,14 +22,16 @@ or with its characters; xgrammar allows both.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
 CONSTRAINED_FORMATS = ("minimax_m2", "hermes", "deepseek_v3", "glm4_moe", "kimi_k2", "harmony")
 
 
-def tool_call_grammar(fmt: str, tools: list[dict[str, Any]]):
-    """One call of one of `tools` ([{"name", "parameters"}]) in format `fmt`, as an xgrammar Grammar."""
+def tool_call_grammar(fmt: str, tools: list[dict[str, Any]], first_index: int = 0):
+    """One call of one of `tools` ([{"name", "parameters"}]) in format `fmt`, as an xgrammar Grammar
+    (`first_index`: the calls made earlier in the conversation, which Kimi-K2's call ids count)."""
     import xgrammar as xgr
 
     if fmt not in CONSTRAINED_FORMATS:
@@ -44,6 +46,8 @@ def tool_call_grammar(fmt: str, tools: list[dict[str, Any]]):
         "kimi_k2": _kimi,
         "harmony": _harmony,
     }[fmt]
+    if fmt == "kimi_k2":
+        build = functools.partial(_kimi, index=int(first_index))
     calls = [build(t["name"], t.get("parameters") or {}) for t in tools]
     return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
 
@@ -74,10 +78,12 @@ def _deepseek(name: str, params: dict):
     return xgr.Grammar.concat(_lit(head), _json(params), _lit("\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"))
 
 
-def _kimi(name: str, params: dict):
+def _kimi(name: str, params: dict, index: int = 0):
     import xgrammar as xgr
 
-    head = f"<|tool_calls_section_begin|><|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>"
+    head = (
+        f"<|tool_calls_section_begin|><|tool_call_begin|>functions.{name}:{index}<|tool_call_argument_begin|>"
+    )
     return xgr.Grammar.concat(_lit(head), _json(params), _lit("<|tool_call_end|><|tool_calls_section_end|>"))
 
 

@@ -125,7 +125,8 @@ class Grammars:
                 from emoe.tool_grammar import tool_call_grammar
 
                 call = json.loads(spec.value)
-                compiled = compiler.compile_grammar(tool_call_grammar(call["format"], call["tools"]))
+                grammar = tool_call_grammar(call["format"], call["tools"], call.get("first_index", 0))
+                compiled = compiler.compile_grammar(grammar)
             elif spec.kind == "choice":
                 rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choices)
                 compiled = compiler.compile_grammar(f"root ::= {rule}")
