@@ -967,8 +967,71 @@ _DS_V31_REST = re.compile(r"\s*(?:```[A-Za-z]*)?\s*\{")
 _DS_V31_PARTIAL = re.compile(r"\s*(?:`{1,3}[A-Za-z]*\s*)?")
 
 
-class DeepSeekV3ToolParser(ToolParser):
+class _JsonCallParser(ToolParser):
+    """The part DeepSeek-V3's and Kimi-K2's formats share: a call's JSON arguments streamed as generated,
+    then its end marker (`_call_end`, a ``` fence before it where `_fenced`), then the next call of the
+    block (state `_block`) or text for a bare call."""
+
+    _call_end = ""
+    _block = "text"
+    _fenced = False
+    _bare = False
+
+    def _open_json_call(self, name: str) -> None:
+        self._start_call(name)
+        self._js = _JsonArgs()
+        self._args("{")
+        self._goto("j_args")
+
+    def _after_call_state(self) -> str:
+        return "text" if self._bare else self._block
+
+    def _st_j_args(self, final: bool) -> bool:
+        js = self._js
+        out, k = js.feed(self._buf)
+        self._args(out)
+        self._buf = self._buf[k:]
+        if js.done:
+            self._end_call()
+            self._goto("j_tail")
+            return True
+        if js.error:
+            self._args(js.repair())
+            self._content(js.pending())
+            self._end_call()
+            self._skip_to(self._call_end, self._after_call_state())
+            return True
+        return False
+
+    def _st_j_tail(self, final: bool) -> bool:
+        s = self._buf.lstrip()
+        if self._fenced:
+            if s.startswith("```"):
+                s = s[3:].lstrip()
+            elif _could_be(s, ("```",)) and not final:
+                return False
+        if not s:
+            return False
+        if s.startswith(self._call_end):
+            self._buf = s[len(self._call_end) :]
+        elif _could_be(s, (self._call_end,)):
+            return False
+        else:
+            self._buf = s
+        self._goto(self._after_call_state())
+        return True
+
+    def _abort(self) -> None:
+        if self._state == "j_tail":
+            self._buf = ""
+            self._goto("text")
+            return
+        super()._abort()
+
+
+class DeepSeekV3ToolParser(_JsonCallParser):
     markers = (_DS_CALLS_BEGIN, _DS_CALL_BEGIN)
+    _call_end, _block, _fenced = _DS_CALL_END, "d_block", True
 
     def _enter(self, marker: str) -> None:
         self._bare = marker == _DS_CALL_BEGIN
@@ -1028,55 +1091,8 @@ class DeepSeekV3ToolParser(ToolParser):
         if not _valid_name(name):
             return self._bail()
         self._buf = rest[m.end() :]
-        self._start_call(name)
-        self._js = _JsonArgs()
-        self._args("{")
-        self._goto("d_args")
+        self._open_json_call(name)
         return True
-
-    def _after_call_state(self) -> str:
-        return "text" if self._bare else "d_block"
-
-    def _st_d_args(self, final: bool) -> bool:
-        js = self._js
-        out, k = js.feed(self._buf)
-        self._args(out)
-        self._buf = self._buf[k:]
-        if js.done:
-            self._end_call()
-            self._goto("d_tail")
-            return True
-        if js.error:
-            self._args(js.repair())
-            self._content(js.pending())
-            self._end_call()
-            self._skip_to(_DS_CALL_END, self._after_call_state())
-            return True
-        return False
-
-    def _st_d_tail(self, final: bool) -> bool:
-        s = self._buf.lstrip()
-        if s.startswith("```"):
-            s = s[3:].lstrip()
-        elif _could_be(s, ("```",)) and not final:
-            return False
-        if not s:
-            return False
-        if s.startswith(_DS_CALL_END):
-            self._buf = s[len(_DS_CALL_END) :]
-        elif _could_be(s, (_DS_CALL_END,)):
-            return False
-        else:
-            self._buf = s
-        self._goto(self._after_call_state())
-        return True
-
-    def _abort(self) -> None:
-        if self._state == "d_tail":
-            self._buf = ""
-            self._goto("text")
-            return
-        super()._abort()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1143,12 +1159,13 @@ _KM_CALL_END = "<|tool_call_end|>"
 _KM_HEAD = re.compile(r"(?:functions\.)?([^\s:<>|]{1,256}?)(?::(\d{1,9}))?")
 
 
-class KimiK2ToolParser(ToolParser):
+class KimiK2ToolParser(_JsonCallParser):
     """``<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{...}
     <|tool_call_end|>...<|tool_calls_section_end|>``: the head is the call's id (Kimi's templates render it
     back as the id of the call and of its result), the name is between ``functions.`` and ``:N``."""
 
     markers = (*_KM_SECTION, _KM_CALL)
+    _call_end, _block = _KM_CALL_END, "k_block"
 
     def _enter(self, marker: str) -> None:
         self._bare = marker == _KM_CALL
@@ -1197,53 +1214,10 @@ class KimiK2ToolParser(ToolParser):
         if not m or not _valid_name(m.group(1)) or not rest[j:].startswith("{"):
             return self._bail()
         self._buf = rest[j + 1 :]
-        self._start_call(m.group(1))
+        self._open_json_call(m.group(1))
         if m.group(2) is not None and head.startswith("functions."):
             self._deltas[-1].id = head  # Kimi's own id: its template renders the call and result by it
-        self._js = _JsonArgs()
-        self._args("{")
-        self._goto("k_args")
         return True
-
-    def _after_call_state(self) -> str:
-        return "text" if self._bare else "k_block"
-
-    def _st_k_args(self, final: bool) -> bool:
-        js = self._js
-        out, k = js.feed(self._buf)
-        self._args(out)
-        self._buf = self._buf[k:]
-        if js.done:
-            self._end_call()
-            self._goto("k_tail")
-            return True
-        if js.error:
-            self._args(js.repair())
-            self._content(js.pending())
-            self._end_call()
-            self._skip_to(_KM_CALL_END, self._after_call_state())
-            return True
-        return False
-
-    def _st_k_tail(self, final: bool) -> bool:
-        s = self._buf.lstrip()
-        if not s:
-            return False
-        if s.startswith(_KM_CALL_END):
-            self._buf = s[len(_KM_CALL_END) :]
-        elif _could_be(s, (_KM_CALL_END,)):
-            return False
-        else:
-            self._buf = s
-        self._goto(self._after_call_state())
-        return True
-
-    def _abort(self) -> None:
-        if self._state == "k_tail":
-            self._buf = ""
-            self._goto("text")
-            return
-        super()._abort()
 
 
 # ---------------------------------------------------------------------------------------------------------
